@@ -1,0 +1,186 @@
+"""Who may fetch what: JWT verification (cached until expiry) and the task-level decision.
+
+A token is verified once and its claims kept until it expires, so the steady state costs a
+dictionary lookup. Keys are chosen by algorithm family — HS* only ever with the shared
+secret, asymmetric algorithms only with the public key or JWKS — which rules out algorithm
+confusion; `none` is never accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cachetools import LRUCache, TTLCache
+
+from .config import AuthSettings, RegistrySettings, StorageSettings
+from .errors import forbidden, unauthorized
+from .registry import TaskAccess, TaskRegistry
+from .uris import GsUri
+
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    sub: str
+    exp: float
+    nbf: float | None
+    tasks: frozenset[int] | str  # ids, or ANY
+    projects: frozenset[str] | str
+    admin: bool
+
+    def grants_project(self, project: str) -> bool:
+        return self.projects == ANY or project in self.projects
+
+    def grants_task(self, task_id: int, project: str) -> bool:
+        return self.tasks == ANY or task_id in self.tasks or self.grants_project(project)
+
+    def may_grant_task(self, task_id: int) -> bool:
+        """False when no project of the task could matter: refuse without a registry lookup."""
+        return self.tasks == ANY or task_id in self.tasks or bool(self.projects)
+
+
+class TokenVerifier:
+    def __init__(self, auth: AuthSettings) -> None:
+        self._auth = auth
+        self._algorithms = frozenset(auth.algorithms)
+        self._public_key = Path(auth.public_key_file).read_bytes() if auth.public_key_file else None
+        self._jwks = jwt.PyJWKClient(auth.jwks_url, cache_keys=True, lifespan=300) if auth.jwks_url else None
+        self._cache: LRUCache[str, Claims] = LRUCache(maxsize=auth.token_cache_size)
+
+    async def verify(self, token: str) -> Claims:
+        claims = self._cache.get(token)
+        if claims is None:
+            claims = await self._decode(token)
+            self._cache[token] = claims
+        now, leeway = time.time(), self._auth.leeway
+        if now > claims.exp + leeway:
+            self._cache.pop(token, None)
+            raise unauthorized("expired_token", "the token has expired")
+        if claims.nbf is not None and now + leeway < claims.nbf:
+            raise unauthorized("token_not_yet_valid", "the token is not valid yet")
+        return claims
+
+    async def _decode(self, token: str) -> Claims:
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError:
+            raise unauthorized("invalid_token", "the token is not a well-formed JWT") from None
+        if alg not in self._algorithms:
+            raise unauthorized("invalid_token", f"the token's algorithm {alg!r} is not accepted")
+        key: Any
+        if alg.startswith("HS"):
+            key = self._auth.secret
+        elif self._jwks is not None:
+            try:
+                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
+            except jwt.PyJWTError:
+                raise unauthorized("invalid_token", "no JWKS key matches the token's kid") from None
+        else:
+            key = self._public_key
+        auth = self._auth
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=auth.audience,
+                issuer=auth.issuer,
+                leeway=auth.leeway,
+                options={"require": ["exp", "sub"], "verify_aud": auth.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("expired_token", "the token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise unauthorized("token_not_yet_valid", "the token is not valid yet") from None
+        except jwt.InvalidAudienceError:
+            raise unauthorized("invalid_audience", "the token is for another audience") from None
+        except jwt.InvalidIssuerError:
+            raise unauthorized("invalid_issuer", "the token comes from another issuer") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise unauthorized("invalid_token", f"the token lacks the {exc.claim!r} claim") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise unauthorized("invalid_token", "the token's signature does not verify") from None
+        return _claims(payload)
+
+
+def _claims(payload: dict[str, Any]) -> Claims:
+    try:
+        tasks = payload.get("tasks", [])
+        projects = payload.get("projects", [])
+        return Claims(
+            sub=str(payload["sub"]),
+            exp=float(payload["exp"]),
+            nbf=float(payload["nbf"]) if "nbf" in payload else None,
+            tasks=ANY if tasks == ANY else frozenset(int(t) for t in tasks),
+            projects=ANY if projects == ANY else frozenset(str(p) for p in projects),
+            admin=payload.get("admin") is True,
+        )
+    except (TypeError, ValueError):
+        raise unauthorized("invalid_token", "the token's tasks/projects claims are malformed") from None
+
+
+def token_from(auth: AuthSettings, headers: Any, cookies: Any, query: Any) -> str | None:
+    """The bearer token from the enabled sources: header, then cookie, then query parameter."""
+    if auth.header:
+        value = headers.get("Authorization")
+        if value:
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    if auth.cookie:
+        token = cookies.get(auth.cookie)
+        if token:
+            return token
+    if auth.query_param:
+        token = query.get(auth.query_param)
+        if token:
+            return token
+    return None
+
+
+class TaskCache:
+    """Task lookups kept for `task_cache_ttl`; misses are never cached, so new tasks show at once."""
+
+    def __init__(self, registry: TaskRegistry, settings: RegistrySettings) -> None:
+        self._registry = registry
+        self._cache: TTLCache[int, TaskAccess] = TTLCache(settings.task_cache_size, settings.task_cache_ttl)
+
+    async def get(self, task_id: int) -> TaskAccess | None:
+        task = self._cache.get(task_id)
+        if task is None:
+            task = await self._registry.task_access(task_id)
+            if task is not None:
+                self._cache[task_id] = task
+        return task
+
+
+def storage_for_task(
+    claims: Claims, task: TaskAccess, uri: GsUri, storages: tuple[StorageSettings, ...]
+) -> StorageSettings:
+    """The storage to read `uri` from for `task`, or AccessDenied (403) naming what is missing."""
+    if not claims.grants_task(task.id, task.project):
+        raise forbidden("no_grant", f"the token does not grant task {task.id}")
+    if str(uri) not in task.uris:
+        raise forbidden("not_referenced", f"task {task.id} does not reference this object")
+    candidates = [s for s in storages if s.bucket == uri.bucket]
+    if not candidates:
+        raise forbidden("bucket_not_configured", "the object's bucket is not a storage of the task's project")
+    # Prefer the storage whose prefix holds the key, the longest prefix first.
+    return max(candidates, key=lambda s: (uri.key.startswith(s.prefix), len(s.prefix)))
+
+
+def storage_for_project(
+    claims: Claims, project: str, uri: GsUri, storages: tuple[StorageSettings, ...]
+) -> StorageSettings:
+    if not claims.grants_project(project):
+        raise forbidden("no_grant", f"the token does not grant project {project}")
+    holding = [s for s in storages if s.holds(uri.bucket, uri.key)]
+    if not holding:
+        raise forbidden("outside_storage", "the object is not inside a storage of this project")
+    return max(holding, key=lambda s: len(s.prefix))

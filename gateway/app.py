@@ -1,0 +1,220 @@
+"""Application factory: routes, middlewares, start-up and shutdown of shared resources."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from . import metrics
+from .acl import TaskCache, TokenVerifier
+from .api import add_api_routes
+from .config import Settings
+from .cors import add_cors
+from .errors import Refused
+from .proxy import MediaHandler
+from .registry import TaskRegistry, open_registry
+from .state import BACKENDS, READINESS, REGISTRY, SETTINGS, VERIFIER
+from .storage import Backend, StorageError, build_backends, client_session
+from .uris import BadFileUri
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+
+MEDIA_ROUTES = frozenset({"task_resolve", "project_resolve"})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BEARER_REALM = 'Bearer realm="media-gateway"'
+
+
+def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.Application:
+    """The gateway application; `registry` may be injected (tests), else opened from settings."""
+    app = web.Application(middlewares=[request_id_middleware, error_middleware])
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or open_registry(settings.registry.url)
+    app[VERIFIER] = TokenVerifier(settings.auth)
+    app[READINESS] = {}
+    app.cleanup_ctx.append(_upstream_context)
+
+    backends: dict[str, Backend] = {}  # filled at start-up, when the upstream session exists
+    app[BACKENDS] = backends
+    media = MediaHandler(settings, app[VERIFIER], TaskCache(app[REGISTRY], settings.registry), backends)
+    for name, path, handler in (
+        ("task_resolve", r"/tasks/{task_id:\d+}/resolve/", media.task_resolve),
+        ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
+    ):
+        resource = app.router.add_resource(path, name=name)
+        resource.add_route("GET", handler)
+        resource.add_route("HEAD", handler)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_view, name="metrics")
+    add_api_routes(app)
+    add_cors(app, settings.cors, MEDIA_ROUTES)
+    app.on_response_prepare.append(_tag_response)
+    return app
+
+
+async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-def]
+    settings = app[SETTINGS]
+    needs_session = any(s.type == "gcs" for s in settings.storages)
+    session = client_session(settings) if needs_session else None
+    app[BACKENDS].update(build_backends(settings, session))
+    yield
+    for backend in app[BACKENDS].values():
+        await backend.close()
+    if session is not None:
+        await session.close()
+    await app[REGISTRY].close()
+
+
+def route_name(request: web.BaseRequest) -> str:
+    """A bounded route label: the resource's name, or 'unmatched'."""
+    match_info = getattr(request, "match_info", None)
+    resource = match_info.route.resource if match_info is not None else None
+    return (resource.name if resource is not None else None) or "unmatched"
+
+
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(8).hex()
+    request["request_id"] = request_id
+    request["started"] = time.perf_counter()
+    return await handler(request)
+
+
+async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-ID on every answer, streamed ones included (set just before headers go out)."""
+    request_id = request.get("request_id")
+    if request_id is not None:
+        response.headers["X-Request-ID"] = request_id
+
+
+def json_error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": reason, "message": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every refusal and failure becomes a JSON body with a precise status and a reason code."""
+    try:
+        return await handler(request)
+    except Refused as exc:
+        request["error"] = exc.reason
+        headers = None
+        if exc.status in (401, 403):
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+        if exc.status == 401:
+            code = "invalid_request" if exc.reason == "missing_token" else "invalid_token"
+            headers = {"WWW-Authenticate": f'{_BEARER_REALM}, error="{code}", error_description="{exc.message}"'}
+        return json_error(exc.status, exc.reason, exc.message, headers)
+    except BadFileUri as exc:
+        request["error"] = "bad_fileuri"
+        return json_error(400, "bad_fileuri", str(exc))
+    except StorageError as exc:
+        request["error"] = exc.reason
+        message = {404: "the object does not exist"}.get(exc.status, str(exc))
+        return json_error(exc.status, exc.reason, message)
+    except web.HTTPException as exc:
+        if exc.empty_body or exc.status < 400:
+            raise
+        reason = exc.reason.lower().replace(" ", "_")
+        return json_error(
+            exc.status, reason, exc.text or exc.reason, dict(exc.headers) | {"Content-Type": "application/json"}
+        )
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Registry and every storage reachable; results kept a few seconds so probes stay cheap."""
+    cache = request.app[READINESS]
+    now = time.monotonic()
+    if cache.get("until", 0) < now:
+        checks: dict[str, str] = {}
+        try:
+            await request.app[REGISTRY].ping()
+            checks["registry"] = "ok"
+        except Exception as exc:  # readiness reports any failure instead of raising it
+            checks["registry"] = f"error: {type(exc).__name__}"
+        for storage_id, backend in request.app[BACKENDS].items():
+            try:
+                await backend.check()
+                checks[f"storage:{storage_id}"] = "ok"
+            except Exception as exc:
+                checks[f"storage:{storage_id}"] = f"error: {exc}"
+        cache.update(checks=checks, until=now + 5)
+    checks = cache["checks"]
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503
+    )
+
+
+async def metrics_view(_request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+class RequestRecorder(AbstractAccessLogger):
+    """Runs once per finished response: Prometheus counters and, if enabled, a JSON log line."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, loop_seconds: float) -> None:
+        started = request.get("started")
+        seconds = time.perf_counter() - started if started is not None else loop_seconds
+        route = route_name(request)
+        key = (route, response.status)
+        children = self._children.get(key)
+        if children is None:
+            mode = "proxy" if route in MEDIA_ROUTES else "none"
+            children = (
+                metrics.REQUESTS.labels(route, mode, metrics.status_class(response.status)),
+                metrics.RESPONSE_BYTES.labels(route),
+                metrics.REQUEST_SECONDS.labels(route),
+            )
+            self._children[key] = children
+        requests, sent, duration = children
+        requests.inc()
+        sent.inc(response.body_length)
+        duration.observe(seconds)
+        app = getattr(request, "app", None)
+        if app is not None and app[SETTINGS].server.access_log:
+            access_log.info(
+                json.dumps(
+                    {
+                        "request_id": request.get("request_id"),
+                        "method": request.method,
+                        "path": request.path,  # never the query string: it may carry a token
+                        "status": response.status,
+                        "bytes": response.body_length,
+                        "duration_ms": round(seconds * 1000, 2),
+                        "sub": request.get("sub"),
+                        "task": request.get("task"),
+                        "error": request.get("error"),
+                        "remote": request.remote,
+                    },
+                    separators=(",", ":"),
+                )
+            )

@@ -1,0 +1,276 @@
+"""`gateway serve | token | check-config | import | demo`.
+
+Heavy imports happen inside the commands: `serve` must point PROMETHEUS_MULTIPROC_DIR at its
+directory before prometheus_client is first imported, and `token` should start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, Settings, load_settings, validate
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CliError(Exception):
+    """A one-line problem with the command line or its input."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.command(args) or 0)
+    except ConfigError as exc:
+        print(f"gateway: config: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="JWT-checking media gateway for GCS")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config", default=os.environ.get("GATEWAY_CONFIG"), help="TOML file (default: $GATEWAY_CONFIG)"
+        )
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the gateway"))
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
+    serve.set_defaults(command=cmd_serve)
+
+    token = with_config(sub.add_parser("token", help="print a signed JWT"))
+    token.add_argument("--sub", required=True, help="the subject (user) the token names")
+    token.add_argument("--task", type=int, action="append", default=[], help="grant a task id (repeatable)")
+    token.add_argument("--project", action="append", default=[], help="grant a project id (repeatable)")
+    token.add_argument("--all-tasks", action="store_true", help='grant every task ("tasks": "*")')
+    token.add_argument("--ttl", default="1h", help="lifetime: 90, 30m, 1h, 7d (default 1h)")
+    token.add_argument("--admin", action="store_true", help='add "admin": true (management API)')
+    token.set_defaults(command=cmd_token)
+
+    check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
+    check.set_defaults(command=cmd_check_config)
+
+    load = with_config(sub.add_parser("import", help="register Label Studio tasks from JSON/JSONL files"))
+    load.add_argument("--project", required=True)
+    load.add_argument("files", nargs="+", type=Path)
+    load.set_defaults(command=cmd_import)
+
+    demo = sub.add_parser("demo", help="serve bundled sample media as a local bucket, print URLs and a token")
+    demo.add_argument("--dir", type=Path, default=Path(".demo"), help="state directory (default .demo)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_SERVER_PORT", "8080")))
+    demo.set_defaults(command=cmd_demo)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if not args.config:
+        raise CliError("no configuration: pass --config FILE or set GATEWAY_CONFIG (or try `gateway demo`)")
+    return load_settings(args.config)
+
+
+def parse_duration(text: str) -> int:
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise CliError(f"--ttl: expected a duration like 90, 30m, 1h or 7d, got {text!r}")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+# ---------------------------------------------------------------- token
+
+
+def mint_token(
+    settings: Settings, sub: str, *, tasks: Any = (), projects: Any = (), ttl: int = 3600, admin: bool = False
+) -> str:
+    import jwt
+
+    auth = settings.auth
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
+    claims["tasks"] = tasks if tasks == "*" else list(tasks)
+    claims["projects"] = projects if projects == "*" else [str(p) for p in projects]
+    if admin:
+        claims["admin"] = True
+    if auth.audience:
+        claims["aud"] = auth.audience
+    if auth.issuer:
+        claims["iss"] = auth.issuer
+    hmac = next((a for a in auth.algorithms if a.startswith("HS")), None)
+    if hmac and auth.secret:
+        return jwt.encode(claims, auth.secret, algorithm=hmac)
+    if not auth.private_key_file:
+        raise CliError("[auth].private_key_file is needed to sign tokens with asymmetric algorithms")
+    return jwt.encode(claims, Path(auth.private_key_file).read_bytes(), algorithm=auth.algorithms[0])
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    tasks: Any = "*" if args.all_tasks else args.task
+    print(
+        mint_token(
+            settings, args.sub, tasks=tasks, projects=args.project, ttl=parse_duration(args.ttl), admin=args.admin
+        )
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- check-config / import
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from .storage import build_backends
+
+    build_backends(settings, session=None)  # loads credentials: a bad key file fails here
+    print(
+        f"config OK: {settings.source}: {len(settings.storages)} storage(s), "
+        f"projects {sorted({s.project for s in settings.storages})}"
+    )
+    return 0
+
+
+def read_task_files(files: list[Path]) -> list[Any]:
+    """Tasks from JSON (a list or one object) and JSONL files; errors name the file and line."""
+    items: list[Any] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(f"{path}: {exc.strerror}") from None
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        items.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise CliError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            continue
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        items.extend(payload if isinstance(payload, list) else [payload])
+    return items
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.storages_of(args.project):
+        raise CliError(f"--project: project {args.project!r} has no storage in {settings.source}")
+    from .registry import BadTask, normalize_task, open_registry
+
+    try:
+        tasks = [normalize_task(item, n) for n, item in enumerate(read_task_files(args.files), start=1)]
+    except BadTask as exc:
+        raise CliError(str(exc)) from None
+
+    async def run() -> list[int]:
+        registry = open_registry(settings.registry.url)
+        try:
+            return await registry.add_tasks(args.project, tasks)
+        finally:
+            await registry.close()
+
+    ids = asyncio.run(run())
+    print(json.dumps({"task_ids": ids, "task_count": len(ids)}))
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+
+
+def configure_logging() -> None:
+    access = logging.getLogger("gateway.access")
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    server = settings.server
+    overrides = {
+        k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None
+    }
+    if overrides:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, server=dataclasses.replace(server, **overrides))
+        validate(settings)
+    serve(settings)
+    return 0
+
+
+def serve(settings: Settings) -> None:
+    """Run one worker in this process, or supervise N forked workers sharing the port."""
+    workers = settings.server.workers
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    configure_logging()
+    from .storage import build_backends
+
+    build_backends(settings, session=None)  # fail on bad credentials before forking
+    if workers == 1:
+        run_worker(settings)
+        return
+    from .supervisor import supervise
+
+    supervise(settings, run_worker)
+
+
+def run_worker(settings: Settings) -> None:
+    from aiohttp import web
+
+    from .app import RequestRecorder, create_app
+
+    loop = None
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        pass
+    server = settings.server
+    logging.getLogger("gateway").info("worker %d listening on http://%s:%d", os.getpid(), server.host, server.port)
+    web.run_app(
+        create_app(settings),
+        host=server.host,
+        port=server.port,
+        reuse_port=settings.server.workers > 1,
+        shutdown_timeout=server.shutdown_timeout,
+        access_log_class=RequestRecorder,
+        access_log=logging.getLogger("gateway.access"),
+        print=None,
+        loop=loop,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import prepare_demo
+
+    settings, banner = prepare_demo(args.dir, args.host, args.port)
+    print(banner, flush=True)
+    serve(settings)
+    return 0

@@ -1,0 +1,341 @@
+"""Typed settings from one TOML file plus environment overrides, validated once at start-up.
+
+Every problem a user can make in the file is reported as one `ConfigError` line that names the
+offending key (`[auth].leeway: expected a number, got 'soon'`), so `gateway check-config` and
+`gateway serve` stop before anything listens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GATEWAY_"
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+SUPPORTED_ALGORITHMS = frozenset(
+    {
+        "HS256",
+        "HS384",
+        "HS512",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "ES256",
+        "ES384",
+        "ES512",
+        "EdDSA",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    shutdown_timeout: float = 30.0
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str | None = None
+    public_key_file: str | None = None
+    private_key_file: str | None = None
+    jwks_url: str | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 30.0
+    header: bool = True
+    cookie: str = "gateway_token"
+    query_param: str = "token"
+    token_cache_size: int = 10000
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    url: str = "sqlite:///gateway.db"
+    task_cache_ttl: float = 60.0
+    task_cache_size: int = 100000
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    cache_control_max_age: int = 3600
+    metadata_ttl: float = 10.0
+    metadata_cache_size: int = 10000
+    chunk_size: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    retries: int = 3
+    retry_backoff: float = 0.1
+    pool_size: int = 256
+
+
+@dataclass(frozen=True)
+class CorsSettings:
+    origins: tuple[str, ...] = ()
+    max_age: int = 600
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    id: str
+    project: str
+    type: str
+    bucket: str
+    prefix: str = ""
+    presign: bool = False
+    presign_ttl: int = 15
+    google_application_credentials: str | None = field(default=None, repr=False)
+    google_project_id: str | None = None
+    root: str | None = None
+
+    def holds(self, bucket: str, key: str) -> bool:
+        """Whether `gs://bucket/key` lies inside this storage (bucket and prefix)."""
+        return bucket == self.bucket and key.startswith(self.prefix)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    registry: RegistrySettings = RegistrySettings()
+    media: MediaSettings = MediaSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    cors: CorsSettings = CorsSettings()
+    storages: tuple[StorageSettings, ...] = ()
+    source: str = "<defaults>"
+
+    def storages_of(self, project: str) -> tuple[StorageSettings, ...]:
+        return tuple(s for s in self.storages if s.project == project)
+
+
+_SECTIONS = {
+    "server": ServerSettings,
+    "auth": AuthSettings,
+    "registry": RegistrySettings,
+    "media": MediaSettings,
+    "upstream": UpstreamSettings,
+    "cors": CorsSettings,
+}
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: dict[str, str] | None = None) -> Settings:
+    """Read `path` (or only defaults when None), apply `GATEWAY_*` overrides, validate."""
+    env = dict(os.environ if env is None else env)
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return settings_from_dict(raw, env, source, base_dir=Path(path).parent if path else Path.cwd())
+
+
+def settings_from_dict(
+    raw: dict[str, Any], env: dict[str, str], source: str = "<dict>", base_dir: Path | None = None
+) -> Settings:
+    unknown = set(raw) - set(_SECTIONS) - {"storages"}
+    if unknown:
+        raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}]: expected a table")
+        table = _with_env_overrides(name, cls, table, env)
+        sections[name] = _build(cls, table, f"[{name}]")
+    storages = raw.get("storages", [])
+    if not isinstance(storages, list):
+        raise ConfigError("[[storages]]: expected an array of tables")
+    built = []
+    for index, table in enumerate(storages):
+        where = f"[[storages]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if "id" in table:
+            where = f"[[storages]] id={table['id']!r}"
+            table = _with_storage_env_overrides(table, env)
+        built.append(_validate_storage(_build(StorageSettings, table, where), where, base_dir))
+    settings = Settings(**sections, storages=tuple(built), source=source)
+    validate(settings)
+    return settings
+
+
+def _with_env_overrides(section: str, cls: type, table: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`GATEWAY_AUTH_SECRET=…` overrides `[auth] secret` (strings parsed by the field's type)."""
+    table = dict(table)
+    for f in dataclasses.fields(cls):
+        value = env.get(f"{ENV_PREFIX}{section}_{f.name}".upper())
+        if value is not None:
+            table[f.name] = _parse_env(value, f.type, f"{ENV_PREFIX}{section}_{f.name}".upper())
+    return table
+
+
+def _with_storage_env_overrides(table: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """`GATEWAY_STORAGE_<ID>_GOOGLE_APPLICATION_CREDENTIALS` keeps a key out of the file."""
+    ident = re.sub(r"[^A-Za-z0-9]", "_", str(table["id"])).upper()
+    value = env.get(f"{ENV_PREFIX}STORAGE_{ident}_GOOGLE_APPLICATION_CREDENTIALS")
+    return table if value is None else {**table, "google_application_credentials": value}
+
+
+def _parse_env(value: str, annotation: Any, name: str) -> Any:
+    kind = _base_type(annotation)
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if kind is tuple:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    return value
+
+
+def _base_type(annotation: Any) -> Any:
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    return origin or hint
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in table:
+            if f.default is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{name}: required")
+            continue
+        values[name] = _coerce(table[name], _base_type(f.type), f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if kind is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # project = 1 and project = "1" mean the same project
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported setting type {kind}")  # pragma: no cover
+
+
+def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> StorageSettings:
+    if s.type not in ("gcs", "local"):
+        raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
+    if not BUCKET_RE.match(s.bucket):
+        raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
+    if s.prefix.startswith("/"):
+        raise ConfigError(f"{where}.prefix: must not start with '/'")
+    if not 1 <= s.presign_ttl <= 10080:
+        raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
+    if s.type == "local":
+        if not s.root:
+            raise ConfigError(f"{where}.root: required for type 'local'")
+        root = Path(s.root)
+        if not root.is_absolute() and base_dir is not None:
+            root = base_dir / root
+        if not root.is_dir():
+            raise ConfigError(f"{where}.root: {str(root)!r} is not a directory")
+        return dataclasses.replace(s, root=str(root.resolve()))
+    if s.root:
+        raise ConfigError(f"{where}.root: only for type 'local'")
+    return s
+
+
+def validate(settings: Settings) -> None:
+    """Checks across fields; also run after command-line overrides."""
+    server, auth = settings.server, settings.auth
+    if not 0 < server.port < 65536:
+        raise ConfigError(f"[server].port: expected 1-65535, got {server.port}")
+    if server.workers < 1:
+        raise ConfigError(f"[server].workers: expected at least 1, got {server.workers}")
+    if not auth.algorithms:
+        raise ConfigError("[auth].algorithms: at least one algorithm is required")
+    for alg in auth.algorithms:
+        if alg not in SUPPORTED_ALGORITHMS:
+            raise ConfigError(f"[auth].algorithms: {alg!r} is not supported (never 'none')")
+    wants_hmac = any(a.startswith("HS") for a in auth.algorithms)
+    wants_public = any(not a.startswith("HS") for a in auth.algorithms)
+    if wants_hmac and not auth.secret:
+        raise ConfigError("[auth].secret: required for HS* algorithms (or set GATEWAY_AUTH_SECRET)")
+    if wants_hmac and len(auth.secret or "") < 32:
+        raise ConfigError("[auth].secret: use at least 32 characters")
+    if wants_public and not (auth.public_key_file or auth.jwks_url):
+        raise ConfigError("[auth].public_key_file: required for RS/ES/PS/EdDSA algorithms (or jwks_url)")
+    for name in ("public_key_file", "private_key_file"):
+        path = getattr(auth, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"[auth].{name}: {path!r} is not a readable file")
+    if auth.leeway < 0:
+        raise ConfigError(f"[auth].leeway: expected 0 or more seconds, got {auth.leeway}")
+    if not (auth.header or auth.cookie or auth.query_param):
+        raise ConfigError("[auth]: every token source is switched off (header, cookie, query_param)")
+    if not settings.registry.url.startswith(("sqlite", "postgresql")):
+        raise ConfigError(f"[registry].url: expected a sqlite:// or postgresql:// URL, got {settings.registry.url!r}")
+    if settings.media.chunk_size < 4096:
+        raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
+    if settings.upstream.retries < 0:
+        raise ConfigError("[upstream].retries: expected 0 or more")
+    for origin in settings.cors.origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")
+    seen: set[str] = set()
+    for s in settings.storages:
+        if s.id in seen:
+            raise ConfigError(f"[[storages]] id={s.id!r}: duplicate id")
+        seen.add(s.id)

@@ -1,0 +1,19 @@
+"""The one refusal type handlers raise; app.error_middleware turns it into a JSON answer."""
+
+from __future__ import annotations
+
+
+class Refused(Exception):
+    """An HTTP status, a stable reason code (for clients and metrics) and a sentence."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def unauthorized(reason: str, message: str) -> Refused:
+    return Refused(401, reason, message)
+
+
+def forbidden(reason: str, message: str) -> Refused:
+    return Refused(403, reason, message)

@@ -1,0 +1,70 @@
+"""Prometheus collectors with bounded labels, correct across worker processes.
+
+`gateway serve` points PROMETHEUS_MULTIPROC_DIR at a fresh directory before any worker starts,
+so every process writes its samples there and `/metrics`, whichever worker answers, sums them.
+Labels are closed sets (route names, status classes, reason codes), never a path or a key.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter("gateway_requests_total", "HTTP requests answered", ["route", "mode", "status"])
+RESPONSE_BYTES = Counter("gateway_response_bytes_total", "Bytes written to clients (status line, headers and body)", ["route"])
+REQUEST_SECONDS = Histogram(
+    "gateway_request_duration_seconds",
+    "Time to the last byte of a response",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+ACTIVE_STREAMS = Gauge("gateway_active_streams", "Media bodies being streamed now", multiprocess_mode="livesum")
+UPSTREAM_SECONDS = Histogram(
+    "gateway_upstream_request_duration_seconds",
+    "Upstream storage request latency (to the response headers)",
+    ["backend", "operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_TTFB = Histogram(
+    "gateway_upstream_ttfb_seconds",
+    "Upstream time to the first body byte",
+    ["backend"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream requests retried", ["backend"])
+UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures", ["backend", "kind"])
+METADATA_CACHE = Counter("gateway_metadata_cache_total", "Object metadata cache lookups", ["result"])
+AUTH_FAILURES = Counter("gateway_auth_failures_total", "Refused media requests", ["reason"])
+
+METADATA_HIT = METADATA_CACHE.labels("hit")
+METADATA_MISS = METADATA_CACHE.labels("miss")
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: summed over all workers when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

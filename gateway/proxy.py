@@ -1,0 +1,210 @@
+"""The media routes: token → task-level access → metadata → RFC 9110 decision → streamed bytes.
+
+`/tasks/{id}/resolve/` and `/projects/{id}/resolve/` take Label Studio's `fileuri` (URL-safe
+base64 of `gs://bucket/key`). The access check runs on every request, before any storage is
+touched, so a refused caller learns nothing about the object. Object metadata is cached
+briefly: HEAD, 304, 412 and 416 cost no media download, and a cold GET costs one upstream
+request because the media response carries the metadata itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from cachetools import TTLCache
+
+from . import metrics
+from .acl import Claims, TaskCache, TokenVerifier, storage_for_project, storage_for_task, token_from
+from .config import Settings, StorageSettings
+from .errors import Refused, forbidden, unauthorized
+from .httpsem import (
+    ByteRange,
+    Plan,
+    content_disposition,
+    format_http_date,
+    is_conditional,
+    parse_range,
+    plan_response,
+)
+from .storage import Backend, ObjectMeta, ObjectReader
+from .storage.base import RangeNotSatisfiable
+from .uris import GsUri, parse_fileuri
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """Cached metadata with the response headers it implies, built once per object version."""
+
+    meta: ObjectMeta
+    headers: dict[str, str]
+    attachment: str  # Content-Disposition for ?download=1
+
+
+class MediaHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        tasks: TaskCache,
+        backends: dict[str, Backend],
+    ) -> None:
+        self._settings = settings
+        self._verifier = verifier
+        self._tasks = tasks
+        self._backends = backends
+        self._storages_by_project: dict[str, tuple[StorageSettings, ...]] = {}
+        for storage in settings.storages:
+            self._storages_by_project.setdefault(storage.project, ())
+            self._storages_by_project[storage.project] += (storage,)
+        media = settings.media
+        self._entries: TTLCache[tuple[str, str], _Entry] = TTLCache(media.metadata_cache_size, media.metadata_ttl)
+        self._cache_control = f"private, max-age={media.cache_control_max_age}"
+
+    async def task_resolve(self, request: web.Request) -> web.StreamResponse:
+        claims = await self._claims(request)
+        uri = parse_fileuri(request.query.get("fileuri"))
+        task_id = int(request.match_info["task_id"])
+        request["task"] = task_id
+        if not claims.may_grant_task(task_id):
+            raise forbidden("no_grant", f"the token does not grant task {task_id}")
+        task = await self._tasks.get(task_id)
+        if task is None:
+            raise Refused(404, "unknown_task", f"task {task_id} does not exist")
+        storages = self._storages_by_project.get(task.project, ())
+        storage = storage_for_task(claims, task, uri, storages)
+        return await self._serve(request, storage, uri)
+
+    async def project_resolve(self, request: web.Request) -> web.StreamResponse:
+        claims = await self._claims(request)
+        uri = parse_fileuri(request.query.get("fileuri"))
+        project = request.match_info["project_id"]
+        storage = storage_for_project(claims, project, uri, self._storages_by_project.get(project, ()))
+        return await self._serve(request, storage, uri)
+
+    async def _claims(self, request: web.Request) -> Claims:
+        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
+        if token is None:
+            raise unauthorized("missing_token", "no token was sent")
+        claims = await self._verifier.verify(token)
+        request["sub"] = claims.sub
+        return claims
+
+    async def _serve(self, request: web.Request, storage: StorageSettings, uri: GsUri) -> web.StreamResponse:
+        backend = self._backends[storage.id]
+        cache_key = (storage.id, uri.key)
+        headers = request.headers
+        entry = self._entries.get(cache_key)
+        if entry is not None:
+            metrics.METADATA_HIT.inc()
+        else:
+            metrics.METADATA_MISS.inc()
+            if request.method == "GET" and not is_conditional(headers):
+                ranges = parse_range(headers.get("Range"))
+                if ranges is None or len(ranges) == 1:
+                    response = await self._optimistic_get(request, backend, cache_key, uri, ranges)
+                    if response is not None:
+                        return response
+            entry = self._entries.get(cache_key) or self._remember(cache_key, uri, await backend.stat(uri.key))
+
+        for _ in range(2):  # a second round only if the object changed between stat and open
+            plan = plan_response(request.method, headers, entry.meta.etag, entry.meta.last_modified, entry.meta.size)
+            if plan.status not in (200, 206):
+                return self._bodiless(plan, entry)
+            if request.method == "HEAD":
+                return await self._head(request, plan, entry)
+            reader = await backend.open(uri.key, ByteRange(plan.first, plan.last) if plan.status == 206 else None)
+            if (reader.meta.etag, reader.meta.size) == (entry.meta.etag, entry.meta.size):
+                return await self._stream(request, plan, entry, reader)
+            reader.close()
+            entry = self._remember(cache_key, uri, reader.meta)
+        raise Refused(503, "object_changing", "the object changed while it was being read; retry")
+
+    async def _optimistic_get(
+        self,
+        request: web.Request,
+        backend: Backend,
+        cache_key: tuple[str, str],
+        uri: GsUri,
+        ranges: list[ByteRange] | None,
+    ) -> web.StreamResponse | None:
+        """Cold GET: one upstream request yields both the metadata and the bytes."""
+        try:
+            reader = await backend.open(uri.key, ranges[0] if ranges else None)
+        except RangeNotSatisfiable:
+            return None  # the size is needed for Content-Range: ask for metadata
+        entry = self._remember(cache_key, uri, reader.meta)
+        meta = reader.meta
+        plan = plan_response("GET", request.headers, meta.etag, meta.last_modified, meta.size)
+        if (plan.status == 206) == reader.partial and (plan.first, plan.last) == (reader.first, reader.last):
+            return await self._stream(request, plan, entry, reader)
+        reader.close()
+        return None
+
+    def _remember(self, cache_key: tuple[str, str], uri: GsUri, meta: ObjectMeta) -> _Entry:
+        headers = {
+            "Accept-Ranges": "bytes",
+            "ETag": meta.etag,
+            "Last-Modified": format_http_date(meta.last_modified),
+            "Content-Type": meta.content_type,
+            "Cache-Control": self._cache_control,
+        }
+        if meta.content_encoding:
+            headers["Content-Encoding"] = meta.content_encoding
+        headers["Content-Disposition"] = content_disposition(uri.filename, attachment=False)
+        entry = _Entry(meta, headers, content_disposition(uri.filename, attachment=True))
+        self._entries[cache_key] = entry
+        return entry
+
+    def _headers(self, request: web.Request, plan: Plan, entry: _Entry) -> dict[str, str]:
+        headers = dict(entry.headers)
+        if request.query.get("download") in ("1", "true"):
+            headers["Content-Disposition"] = entry.attachment
+        if plan.status == 206:
+            headers["Content-Range"] = f"bytes {plan.first}-{plan.last}/{entry.meta.size}"
+        return headers
+
+    def _bodiless(self, plan: Plan, entry: _Entry) -> web.Response:
+        """304, 412 and 416, answered from metadata alone."""
+        if plan.status == 304:
+            keep = ("ETag", "Last-Modified", "Cache-Control", "Accept-Ranges")
+            return web.Response(status=304, headers={k: entry.headers[k] for k in keep})
+        if plan.status == 416:
+            return web.json_response(
+                {"error": "range_not_satisfiable", "message": "the requested range lies outside the object"},
+                status=416,
+                headers={"Content-Range": f"bytes */{entry.meta.size}", "Accept-Ranges": "bytes"},
+            )
+        return web.json_response(
+            {"error": "precondition_failed", "message": "a precondition (If-Match / If-Unmodified-Since) failed"},
+            status=412,
+            headers={"ETag": entry.meta.etag},
+        )
+
+    async def _head(self, request: web.Request, plan: Plan, entry: _Entry) -> web.StreamResponse:
+        response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
+        response.content_length = plan.length
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    async def _stream(
+        self, request: web.Request, plan: Plan, entry: _Entry, reader: ObjectReader
+    ) -> web.StreamResponse:
+        """Write the reader's bytes with backpressure; a broken upstream aborts the client."""
+        try:
+            response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
+            response.content_length = plan.length
+            await response.prepare(request)
+            metrics.ACTIVE_STREAMS.inc()
+            try:
+                async for chunk in reader.chunks():
+                    await response.write(chunk)
+            except ConnectionResetError:
+                return response  # the client went away; the finally below drops the upstream
+            finally:
+                metrics.ACTIVE_STREAMS.dec()
+            await response.write_eof()
+            return response
+        finally:
+            reader.close()

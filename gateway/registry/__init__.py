@@ -1,0 +1,54 @@
+"""The task registry: Label Studio tasks and the gs:// URIs each one references.
+
+One small interface (`TaskRegistry`); `SqlTaskRegistry` implements it on SQLAlchemy so the same
+code serves SQLite (the default) and, later, PostgreSQL for several replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAccess:
+    """What the access check needs of a task: its project and the URIs it references."""
+
+    id: int
+    project: str
+    uris: frozenset[str]
+
+
+class TaskRegistry(Protocol):
+    async def add_tasks(self, project: str, tasks: list[dict[str, Any]]) -> list[int]: ...
+
+    async def task_access(self, task_id: int) -> TaskAccess | None: ...
+
+    async def get_task(self, task_id: int) -> dict[str, Any] | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class BadTask(ValueError):
+    """A task that is not Label Studio task JSON; the message names the task's position."""
+
+
+def normalize_task(task: Any, position: int) -> dict[str, Any]:
+    """Label Studio's rule: a dict with a `data` object is a task, any other dict is its data."""
+    if not isinstance(task, dict):
+        raise BadTask(f"task #{position}: expected a JSON object, got {type(task).__name__}")
+    if "data" in task:
+        if not isinstance(task["data"], dict):
+            raise BadTask(f"task #{position}: 'data' must be a JSON object")
+        return task
+    if not task:
+        raise BadTask(f"task #{position}: empty task")
+    return {"data": task}
+
+
+def open_registry(url: str) -> TaskRegistry:
+    from .sql import SqlTaskRegistry
+
+    return SqlTaskRegistry(url)

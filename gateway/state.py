@@ -1,0 +1,18 @@
+"""Typed keys for what the application shares between handlers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .acl import TokenVerifier
+from .config import Settings
+from .registry import TaskRegistry
+from .storage import Backend
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", TaskRegistry)
+BACKENDS = web.AppKey("backends", dict[str, Backend])
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+READINESS = web.AppKey("readiness", dict[str, Any])

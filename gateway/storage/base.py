@@ -1,0 +1,90 @@
+"""The one storage protocol every backend implements, and the errors it may raise.
+
+Modelled on imgproxy's `storage.Reader` and rclone's backends: `stat` for metadata, `open`
+for a (possibly ranged) byte stream, `check` for readiness. The media handler never knows
+which backend it talks to; one conformance suite (tests/test_backend_conformance.py) holds
+every backend to the same answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..httpsem import ByteRange
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    size: int
+    etag: str  # a quoted strong entity tag, the same for every user
+    last_modified: int  # seconds since the epoch
+    content_type: str
+    content_encoding: str | None = None  # as stored ("gzip"); passed through, never decoded
+
+
+class ObjectReader(Protocol):
+    """An open download: the object's metadata, the span it delivers, then its bytes."""
+
+    meta: ObjectMeta
+    first: int
+    last: int  # inclusive; last < first for an empty body
+    partial: bool  # True when the span answers a Range (206)
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None:
+        """Give the upstream connection back at once (or drop it when the body is unread)."""
+
+
+class Backend(Protocol):
+    name: str  # "gcs" or "local": the metrics label
+
+    async def stat(self, key: str) -> ObjectMeta: ...
+
+    async def open(self, key: str, byte_range: ByteRange | None) -> ObjectReader: ...
+
+    async def check(self) -> None:
+        """Raise StorageError unless the bucket can be reached with the configured access."""
+
+    async def close(self) -> None: ...
+
+
+class StorageError(Exception):
+    """A storage failure with the HTTP status the gateway answers and a reason code."""
+
+    status = 502
+    reason = "upstream_error"
+
+
+class ObjectNotFound(StorageError):
+    status = 404
+    reason = "not_found"
+
+
+class RangeNotSatisfiable(StorageError):
+    status = 416
+    reason = "range_not_satisfiable"
+
+
+class UpstreamDenied(StorageError):
+    status = 502
+    reason = "upstream_denied"
+
+
+class UpstreamUnavailable(StorageError):
+    status = 502
+    reason = "upstream_unavailable"
+
+
+class UpstreamTimeout(StorageError):
+    status = 504
+    reason = "upstream_timeout"
+
+
+class UpstreamBroken(StorageError):
+    """The upstream failed after the first body byte: the client connection must be aborted."""
+
+    status = 502
+    reason = "upstream_broken"

@@ -1,0 +1,223 @@
+"""Google Cloud Storage through its JSON API, spoken with aiohttp on one pooled session.
+
+Downloads ask for `Accept-Encoding: gzip` so GCS hands out objects exactly as stored (no
+decompressive transcoding) and the session never decompresses: a gzip-stored object reaches
+the client as stored, with its Content-Encoding. A media response carries everything the
+gateway needs (size, generation, dates, type), so a cold GET costs one upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote
+
+import aiohttp
+import google.auth.exceptions
+from multidict import CIMultiDictProxy
+from prometheus_client import Histogram
+
+from .. import metrics
+from ..config import UpstreamSettings
+from ..httpsem import ByteRange
+from .base import (
+    ObjectMeta,
+    ObjectNotFound,
+    RangeNotSatisfiable,
+    StorageError,
+    UpstreamBroken,
+    UpstreamDenied,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .credentials import AccessTokens
+
+PUBLIC_ENDPOINT = "https://storage.googleapis.com"
+_META_FIELDS = "size,generation,updated,contentType,contentEncoding"
+
+
+def emulator_endpoint(host: str) -> str:
+    """STORAGE_EMULATOR_HOST as every Google client library reads it (scheme optional)."""
+    return host.rstrip("/") if "://" in host else f"http://{host.rstrip('/')}"
+
+
+class GcsBackend:
+    name = "gcs"
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        endpoint: str,
+        bucket: str,
+        tokens: AccessTokens | None,
+        upstream: UpstreamSettings,
+    ) -> None:
+        self._session = session
+        self._object_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o/"
+        self._list_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o"
+        self._tokens = tokens
+        self._upstream = upstream
+        self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in ("stat", "open", "check")}
+        self._ttfb = metrics.UPSTREAM_TTFB.labels(self.name)
+        self._retries = metrics.UPSTREAM_RETRIES.labels(self.name)
+
+    async def stat(self, key: str) -> ObjectMeta:
+        response = await self._request("stat", self._object_url + quote(key, safe=""), {"fields": _META_FIELDS})
+        async with response:
+            if response.status != 200:
+                raise _status_error(response.status, key)
+            body = await response.json()
+        return ObjectMeta(
+            size=int(body["size"]),
+            etag=f'"{body["generation"]}"',
+            last_modified=_rfc3339_seconds(body["updated"]),
+            content_type=body.get("contentType") or "application/octet-stream",
+            content_encoding=_stored_encoding(body.get("contentEncoding")),
+        )
+
+    async def open(self, key: str, byte_range: ByteRange | None) -> GcsReader:
+        headers = {"Accept-Encoding": "gzip"}
+        if byte_range is not None:
+            headers["Range"] = byte_range.header_value()
+        started = time.perf_counter()
+        response = await self._request("open", self._object_url + quote(key, safe=""), {"alt": "media"}, headers)
+        if response.status not in (200, 206):
+            response.release()
+            if response.status == 416:
+                raise RangeNotSatisfiable(key)
+            raise _status_error(response.status, key)
+        try:
+            meta, first, last = _media_meta(response.headers, response.status)
+        except (KeyError, ValueError):
+            response.close()
+            raise StorageError("upstream answered without object metadata headers") from None
+        return GcsReader(meta, first, last, response.status == 206, response, self._upstream, self._ttfb, started)
+
+    async def check(self) -> None:
+        response = await self._request("check", self._list_url, {"maxResults": "1", "fields": "kind"})
+        async with response:
+            if response.status != 200:
+                raise _status_error(response.status, "(bucket listing)")
+
+    async def close(self) -> None:
+        pass  # the session belongs to the application
+
+    async def _request(
+        self, operation: str, url: str, params: dict[str, str], headers: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """GET with retries of connect errors and 5xx answers, all before the first byte."""
+        headers = dict(headers or {})
+        upstream = self._upstream
+        for attempt in range(upstream.retries + 1):
+            if self._tokens is not None:
+                try:
+                    await self._tokens.apply(headers)
+                except google.auth.exceptions.GoogleAuthError:
+                    metrics.UPSTREAM_ERRORS.labels(self.name, "credentials").inc()
+                    raise UpstreamDenied("could not obtain a Google access token") from None
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(upstream.first_byte_timeout):
+                    response = await self._session.get(url, params=params, headers=headers)
+            except TimeoutError:
+                metrics.UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
+                raise UpstreamTimeout("storage did not answer in time") from None
+            except aiohttp.ClientError:
+                failure: str = "connect"
+            else:
+                self._latency[operation].observe(time.perf_counter() - started)
+                if response.status < 500:
+                    return response
+                response.release()
+                failure = "5xx"
+            metrics.UPSTREAM_ERRORS.labels(self.name, failure).inc()
+            if attempt < upstream.retries:
+                self._retries.inc()
+                await asyncio.sleep(upstream.retry_backoff * 2**attempt * random.uniform(0.5, 1.5))
+        raise UpstreamUnavailable(
+            "storage is unreachable" if failure == "connect" else "storage answered with a server error"
+        )
+
+
+class GcsReader:
+    def __init__(
+        self,
+        meta: ObjectMeta,
+        first: int,
+        last: int,
+        partial: bool,
+        response: aiohttp.ClientResponse,
+        upstream: UpstreamSettings,
+        ttfb: Histogram,
+        started: float,
+    ) -> None:
+        self.meta, self.first, self.last, self.partial = meta, first, last, partial
+        self._response, self._upstream, self._ttfb, self._started = response, upstream, ttfb, started
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        expected, received = self.last - self.first + 1, 0
+        content = self._response.content
+        try:
+            while received < expected:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "broken"
+                    metrics.UPSTREAM_ERRORS.labels("gcs", kind).inc()
+                    raise UpstreamBroken("storage connection failed mid-body") from None
+                if not chunk:
+                    metrics.UPSTREAM_ERRORS.labels("gcs", "broken").inc()
+                    raise UpstreamBroken("storage body ended early")
+                if received == 0:
+                    self._ttfb.observe(time.perf_counter() - self._started)
+                received += len(chunk)
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()  # unread body: drop the connection rather than drain it
+
+
+def _status_error(status: int, key: str) -> StorageError:
+    if status == 404:
+        return ObjectNotFound(key)
+    if status in (401, 403):
+        return UpstreamDenied("storage refused the gateway's credentials for this object")
+    return StorageError(f"storage answered {status}")
+
+
+def _media_meta(headers: CIMultiDictProxy[str], status: int) -> tuple[ObjectMeta, int, int]:
+    """Object metadata and the delivered span from a media response's headers."""
+    if status == 206:
+        unit_span, _, total = headers["Content-Range"].partition("/")
+        first_text, _, last_text = unit_span.removeprefix("bytes ").partition("-")
+        first, last, size = int(first_text), int(last_text), int(total)
+    else:
+        size = int(headers["Content-Length"])
+        first, last = 0, size - 1
+    meta = ObjectMeta(
+        size=size,
+        etag=f'"{headers["X-Goog-Generation"]}"',
+        last_modified=int(parsedate_to_datetime(headers["Last-Modified"]).timestamp()),
+        content_type=headers.get("Content-Type") or "application/octet-stream",
+        content_encoding=_stored_encoding(
+            headers.get("X-Goog-Stored-Content-Encoding", headers.get("Content-Encoding"))
+        ),
+    )
+    return meta, first, last
+
+
+def _stored_encoding(value: str | None) -> str | None:
+    return None if not value or value == "identity" else value
+
+
+def _rfc3339_seconds(value: str) -> int:
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
