@@ -21,7 +21,7 @@ from .cors import add_cors
 from .errors import Refused
 from .proxy import MediaHandler
 from .registry import TaskRegistry, open_registry
-from .state import BACKENDS, READINESS, REGISTRY, SETTINGS, VERIFIER
+from .state import BACKENDS, ERROR, READINESS, REGISTRY, REQUEST_ID, SETTINGS, STARTED, SUB, TASK, VERIFIER
 from .storage import Backend, StorageError, build_backends, client_session
 from .uris import BadFileUri
 
@@ -88,14 +88,14 @@ async def request_id_middleware(
 ) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if _REQUEST_ID.match(incoming) else os.urandom(8).hex()
-    request["request_id"] = request_id
-    request["started"] = time.perf_counter()
+    request[REQUEST_ID] = request_id
+    request[STARTED] = time.perf_counter()
     return await handler(request)
 
 
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
     """X-Request-ID on every answer, streamed ones included (set just before headers go out)."""
-    request_id = request.get("request_id")
+    request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
 
@@ -112,7 +112,7 @@ async def error_middleware(
     try:
         return await handler(request)
     except Refused as exc:
-        request["error"] = exc.reason
+        request[ERROR] = exc.reason
         headers = None
         if exc.status in (401, 403):
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
@@ -121,10 +121,10 @@ async def error_middleware(
             headers = {"WWW-Authenticate": f'{_BEARER_REALM}, error="{code}", error_description="{exc.message}"'}
         return json_error(exc.status, exc.reason, exc.message, headers)
     except BadFileUri as exc:
-        request["error"] = "bad_fileuri"
+        request[ERROR] = "bad_fileuri"
         return json_error(400, "bad_fileuri", str(exc))
     except StorageError as exc:
-        request["error"] = exc.reason
+        request[ERROR] = exc.reason
         message = {404: "the object does not exist"}.get(exc.status, str(exc))
         return json_error(exc.status, exc.reason, message)
     except web.HTTPException as exc:
@@ -182,7 +182,7 @@ class RequestRecorder(AbstractAccessLogger):
         return True
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, loop_seconds: float) -> None:
-        started = request.get("started")
+        started = request.get(STARTED)
         seconds = time.perf_counter() - started if started is not None else loop_seconds
         route = route_name(request)
         key = (route, response.status)
@@ -204,15 +204,15 @@ class RequestRecorder(AbstractAccessLogger):
             access_log.info(
                 json.dumps(
                     {
-                        "request_id": request.get("request_id"),
+                        "request_id": request.get(REQUEST_ID),
                         "method": request.method,
                         "path": request.path,  # never the query string: it may carry a token
                         "status": response.status,
                         "bytes": response.body_length,
                         "duration_ms": round(seconds * 1000, 2),
-                        "sub": request.get("sub"),
-                        "task": request.get("task"),
-                        "error": request.get("error"),
+                        "sub": request.get(SUB),
+                        "task": request.get(TASK),
+                        "error": request.get(ERROR),
                         "remote": request.remote,
                     },
                     separators=(",", ":"),

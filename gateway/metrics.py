@@ -23,7 +23,9 @@ from prometheus_client import (
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 REQUESTS = Counter("gateway_requests_total", "HTTP requests answered", ["route", "mode", "status"])
-RESPONSE_BYTES = Counter("gateway_response_bytes_total", "Bytes written to clients (status line, headers and body)", ["route"])
+RESPONSE_BYTES = Counter(
+    "gateway_response_bytes_total", "Bytes written to clients (status line, headers and body)", ["route"]
+)
 REQUEST_SECONDS = Histogram(
     "gateway_request_duration_seconds",
     "Time to the last byte of a response",

@@ -27,6 +27,7 @@ from .httpsem import (
     parse_range,
     plan_response,
 )
+from .state import SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader
 from .storage.base import RangeNotSatisfiable
 from .uris import GsUri, parse_fileuri
@@ -65,7 +66,7 @@ class MediaHandler:
         claims = await self._claims(request)
         uri = parse_fileuri(request.query.get("fileuri"))
         task_id = int(request.match_info["task_id"])
-        request["task"] = task_id
+        request[TASK] = task_id
         if not claims.may_grant_task(task_id):
             raise forbidden("no_grant", f"the token does not grant task {task_id}")
         task = await self._tasks.get(task_id)
@@ -87,7 +88,7 @@ class MediaHandler:
         if token is None:
             raise unauthorized("missing_token", "no token was sent")
         claims = await self._verifier.verify(token)
-        request["sub"] = claims.sub
+        request[SUB] = claims.sub
         return claims
 
     async def _serve(self, request: web.Request, storage: StorageSettings, uri: GsUri) -> web.StreamResponse:

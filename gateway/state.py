@@ -16,3 +16,10 @@ REGISTRY = web.AppKey("registry", TaskRegistry)
 BACKENDS = web.AppKey("backends", dict[str, Backend])
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 READINESS = web.AppKey("readiness", dict[str, Any])
+
+# Per-request facts the access log reports (never the token itself).
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+SUB = web.RequestKey("sub", str)
+TASK = web.RequestKey("task", int)
+ERROR = web.RequestKey("error", str)

@@ -9,7 +9,7 @@ from aiohttp import web
 from ..acl import Claims, token_from
 from ..errors import Refused, forbidden, unauthorized
 from ..registry import BadTask, normalize_task
-from ..state import REGISTRY, SETTINGS, VERIFIER
+from ..state import REGISTRY, SETTINGS, SUB, VERIFIER
 
 
 async def require_admin(request: web.Request) -> Claims:
@@ -17,7 +17,7 @@ async def require_admin(request: web.Request) -> Claims:
     if token is None:
         raise unauthorized("missing_token", "the management API needs an admin bearer token")
     claims = await request.app[VERIFIER].verify(token)
-    request["sub"] = claims.sub
+    request[SUB] = claims.sub
     if not claims.admin:
         raise forbidden("not_admin", 'the management API needs a token with "admin": true')
     return claims

