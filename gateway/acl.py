@@ -50,7 +50,11 @@ class TokenVerifier:
         self._auth = auth
         self._algorithms = frozenset(auth.algorithms)
         self._public_key = Path(auth.public_key_file).read_bytes() if auth.public_key_file else None
-        self._jwks = jwt.PyJWKClient(auth.jwks_url, cache_keys=True, lifespan=300) if auth.jwks_url else None
+        self._jwks = (
+            jwt.PyJWKClient(auth.jwks_url, lifespan=300, timeout=10, cooldown_duration=auth.jwks_cooldown)
+            if auth.jwks_url
+            else None
+        )
         self._cache: LRUCache[str, Claims] = LRUCache(maxsize=auth.token_cache_size)
 
     async def verify(self, token: str) -> Claims:

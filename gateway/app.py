@@ -130,10 +130,8 @@ async def error_middleware(
     except web.HTTPException as exc:
         if exc.empty_body or exc.status < 400:
             raise
-        reason = exc.reason.lower().replace(" ", "_")
-        return json_error(
-            exc.status, reason, exc.text or exc.reason, dict(exc.headers) | {"Content-Type": "application/json"}
-        )
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers)
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -58,6 +58,7 @@ class AuthSettings:
     public_key_file: str | None = None
     private_key_file: str | None = None
     jwks_url: str | None = None
+    jwks_cooldown: float = 30.0  # least seconds between key-set refetches caused by an unknown kid
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 30.0
