@@ -138,9 +138,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .storage import build_backends
+    from .storage import load_access_tokens
 
-    build_backends(settings, session=None)  # loads credentials: a bad key file fails here
+    load_access_tokens(settings)  # a missing or malformed key file fails here
     print(
         f"config OK: {settings.source}: {len(settings.storages)} storage(s), "
         f"projects {sorted({s.project for s in settings.storages})}"
@@ -229,9 +229,9 @@ def serve(settings: Settings) -> None:
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     configure_logging()
-    from .storage import build_backends
+    from .storage import load_access_tokens
 
-    build_backends(settings, session=None)  # fail on bad credentials before forking
+    load_access_tokens(settings)  # fail on bad credentials before forking
     if workers == 1:
         run_worker(settings)
         return

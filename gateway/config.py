@@ -282,6 +282,8 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
         raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
     if s.prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: must not start with '/'")
+    if s.presign:
+        raise ConfigError(f"{where}.presign: signed-URL redirects are not available in this version; use false")
     if not 1 <= s.presign_ttl <= 10080:
         raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
     if s.type == "local":

@@ -6,13 +6,21 @@ import os
 
 import aiohttp
 
-from ..config import ConfigError, Settings, StorageSettings
+from ..config import ConfigError, Settings
 from .base import Backend, ObjectMeta, ObjectReader, StorageError
 from .credentials import AccessTokens, CredentialsError, load_credentials
 from .gcs import PUBLIC_ENDPOINT, GcsBackend, emulator_endpoint
 from .local import LocalBackend
 
-__all__ = ["Backend", "ObjectMeta", "ObjectReader", "StorageError", "build_backends", "client_session"]
+__all__ = [
+    "Backend",
+    "ObjectMeta",
+    "ObjectReader",
+    "StorageError",
+    "build_backends",
+    "client_session",
+    "load_access_tokens",
+]
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:
@@ -32,27 +40,35 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
 def build_backends(
     settings: Settings, session: aiohttp.ClientSession | None, env: dict[str, str] | None = None
 ) -> dict[str, Backend]:
-    """One backend per storage id; credentials are loaded here, once, so errors surface at start."""
+    """One backend per storage id."""
     env = dict(os.environ if env is None else env)
+    tokens = load_access_tokens(settings, env)
+    endpoint = emulator_endpoint(env["STORAGE_EMULATOR_HOST"]) if env.get("STORAGE_EMULATOR_HOST") else PUBLIC_ENDPOINT
     backends: dict[str, Backend] = {}
     for storage in settings.storages:
         if storage.type == "local":
             assert storage.root is not None
             backends[storage.id] = LocalBackend(storage.root, settings.media.chunk_size)
         else:
-            assert session is not None
-            backends[storage.id] = _gcs_backend(settings, storage, session, env)
+            assert session is not None, "gcs storages need the upstream session"
+            backends[storage.id] = GcsBackend(session, endpoint, storage.bucket, tokens[storage.id], settings.upstream)
     return backends
 
 
-def _gcs_backend(
-    settings: Settings, storage: StorageSettings, session: aiohttp.ClientSession, env: dict[str, str]
-) -> GcsBackend:
-    emulator = env.get("STORAGE_EMULATOR_HOST")
-    if emulator:
-        return GcsBackend(session, emulator_endpoint(emulator), storage.bucket, None, settings.upstream)
-    try:
-        credentials = load_credentials(storage.google_application_credentials, storage.google_project_id)
-    except CredentialsError as exc:
-        raise ConfigError(f"[[storages]] id={storage.id!r}.google_application_credentials: {exc}") from None
-    return GcsBackend(session, PUBLIC_ENDPOINT, storage.bucket, AccessTokens(credentials), settings.upstream)
+def load_access_tokens(settings: Settings, env: dict[str, str] | None = None) -> dict[str, AccessTokens | None]:
+    """Credentials of every gcs storage, loaded once so a bad key fails at start-up, not per request.
+
+    With STORAGE_EMULATOR_HOST set no credentials are needed (None).
+    """
+    env = dict(os.environ if env is None else env)
+    tokens: dict[str, AccessTokens | None] = {}
+    for storage in settings.storages:
+        if storage.type != "gcs" or env.get("STORAGE_EMULATOR_HOST"):
+            tokens[storage.id] = None
+            continue
+        try:
+            credentials = load_credentials(storage.google_application_credentials, storage.google_project_id)
+        except CredentialsError as exc:
+            raise ConfigError(f"[[storages]] id={storage.id!r}.google_application_credentials: {exc}") from None
+        tokens[storage.id] = AccessTokens(credentials)
+    return tokens

@@ -1,0 +1,113 @@
+"""The command line: token minting, config checks, task import, and the demo's printed URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import jwt
+import pytest
+
+from gateway.app import create_app
+from gateway.cli import CliError, main, parse_duration
+from gateway.demo import prepare_demo
+
+from .conftest import SECRET
+
+
+def write_config(tmp_path, extra: str = "") -> str:
+    media = tmp_path / "media"
+    media.mkdir(exist_ok=True)
+    (media / "a.txt").write_text("hello")
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[auth]\nsecret = "{SECRET}"\naudience = "media"\n'
+        f'[registry]\nurl = "sqlite:///{tmp_path / "r.db"}"\n'
+        f'[[storages]]\nid = "s"\nproject = 3\ntype = "local"\nbucket = "bkt"\nroot = "media"\n{extra}'
+    )
+    return str(path)
+
+
+def test_token_prints_a_verifiable_jwt(tmp_path, capsys):
+    config = write_config(tmp_path)
+    argv = ["token", "--config", config, "--sub", "ann", "--task", "4", "--task", "5", "--project", "3", "--ttl", "2h"]
+    assert main(argv) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="media")
+    assert claims["sub"] == "ann" and claims["tasks"] == [4, 5] and claims["projects"] == ["3"]
+    assert 7190 <= claims["exp"] - time.time() <= 7200
+    assert "admin" not in claims
+    assert main(["token", "--config", config, "--sub", "root", "--admin", "--all-tasks"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"], audience="media")
+    assert claims["admin"] is True and claims["tasks"] == "*"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("45s", 45), ("30m", 1800), ("1h", 3600), ("7d", 604800)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "1w", "-5m", "1.5h", "h"])
+def test_bad_durations_name_the_flag(text):
+    with pytest.raises(CliError, match="--ttl"):
+        parse_duration(text)
+
+
+def test_check_config_reports_one_line_naming_the_key(tmp_path, capsys):
+    config = write_config(tmp_path, extra="surprise = 1\n")
+    assert main(["check-config", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "surprise" in err and err.startswith("gateway: config:")
+    assert main(["check-config", "--config", write_config(tmp_path)]) == 0
+    assert "config OK" in capsys.readouterr().out
+    assert main(["serve"]) == 2  # no configuration at all
+    assert "--config" in capsys.readouterr().err
+
+
+def test_import_json_and_jsonl(tmp_path, capsys):
+    config = write_config(tmp_path)
+    (tmp_path / "tasks.json").write_text(json.dumps([{"data": {"t": "gs://bkt/a.txt"}}, {"t": "gs://bkt/b"}]))
+    (tmp_path / "tasks.jsonl").write_text('{"data": {"t": "gs://bkt/c"}}\n\n{"t": "gs://bkt/d"}\n')
+    assert (
+        main(
+            [
+                "import",
+                "--config",
+                config,
+                "--project",
+                "3",
+                str(tmp_path / "tasks.json"),
+                str(tmp_path / "tasks.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["task_ids"] == [1, 2, 3, 4]
+    (tmp_path / "bad.jsonl").write_text('{"data": {}}\n{oops\n')
+    assert main(["import", "--config", config, "--project", "3", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["import", "--config", config, "--project", "99", str(tmp_path / "tasks.json")]) == 2
+    assert "--project" in capsys.readouterr().err
+
+
+async def test_demo_is_idempotent_and_its_printed_urls_work(tmp_path, aiohttp_client):
+    _, banner = await asyncio.to_thread(prepare_demo, tmp_path / "state", "127.0.0.1", 8080)
+    again, banner_again = await asyncio.to_thread(prepare_demo, tmp_path / "state", "127.0.0.1", 8080)
+    ids = re.findall(r"task (\d+) ", banner)
+    assert ids == re.findall(r"task (\d+) ", banner_again) and len(ids) == 4
+    token = banner.splitlines()[3]
+    assert jwt.decode(token, options={"verify_signature": False})["projects"] == ["demo"]
+    curl = re.search(r"-H 'Authorization: Bearer (\S+)' \\\n\s+'http://127.0.0.1:8080(\S+)'", banner)
+    assert curl is not None and curl.group(1) == token
+    client = await aiohttp_client(create_app(again))
+    response = await client.get(curl.group(2), headers={"Authorization": f"Bearer {token}", "Range": "bytes=0-1023"})
+    assert response.status == 206 and len(await response.read()) == 1024
+    assert response.headers["Content-Type"] == "video/mp4"
+    browser_urls = re.findall(r"http://127.0.0.1:8080(/tasks/\S+&token=\S+)", banner)
+    assert len(browser_urls) == 4
+    for url in browser_urls:
+        response = await client.get(url)  # token in the query string, as a browser would send it
+        assert response.status == 200, url
+        assert int(response.headers["Content-Length"]) > 1000
