@@ -36,7 +36,12 @@ _BEARER_REALM = 'Bearer realm="media-gateway"'
 
 def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.Application:
     """The gateway application; `registry` may be injected (tests), else opened from settings."""
-    app = web.Application(middlewares=[request_id_middleware, error_middleware])
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=64 * 1024**2,  # task imports
+        # Part of the app, not of the runner: metrics are recorded whoever serves it.
+        handler_args={"access_log_class": RequestRecorder, "access_log": access_log},
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = registry or open_registry(settings.registry.url)
     app[VERIFIER] = TokenVerifier(settings.auth)

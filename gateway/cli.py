@@ -243,7 +243,7 @@ def serve(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from aiohttp import web
 
-    from .app import RequestRecorder, create_app
+    from .app import create_app
 
     loop = None
     try:
@@ -260,8 +260,6 @@ def run_worker(settings: Settings) -> None:
         port=server.port,
         reuse_port=settings.server.workers > 1,
         shutdown_timeout=server.shutdown_timeout,
-        access_log_class=RequestRecorder,
-        access_log=logging.getLogger("gateway.access"),
         print=None,
         loop=loop,
     )

@@ -353,3 +353,25 @@ async def test_errors_are_json(gateway):
     await expect(response, 404, "not_found")
     response = await client.post(url(client.ids[0]))
     await expect(response, 405, "method_not_allowed")
+
+
+async def test_access_log_and_metrics_never_carry_the_token(gateway, caplog):
+    from gateway import metrics
+
+    client = await gateway()
+    task = client.ids[0]
+    token = make_token(sub="annotator-7", tasks=[task])
+    before = metrics.REQUESTS.labels("task_resolve", "proxy", "2xx")._value.get()
+    with caplog.at_level("INFO", logger="gateway.access"):
+        response = await client.get(url(task) + f"&token={token}", headers={"X-Request-ID": "req-42"})
+        assert response.status == 200 and response.headers["X-Request-ID"] == "req-42"
+        await response.read()
+        await client.get(url(task), headers=bearer("garbage"))
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert lines[0]["request_id"] == "req-42"
+    assert (lines[0]["status"], lines[0]["sub"], lines[0]["task"]) == (200, "annotator-7", task)
+    assert lines[0]["bytes"] > 300_000 and lines[0]["path"] == f"/tasks/{task}/resolve/"
+    assert lines[1]["status"] == 401 and lines[1]["error"] == "invalid_token"
+    assert token not in caplog.text and "garbage" not in caplog.text
+    assert metrics.REQUESTS.labels("task_resolve", "proxy", "2xx")._value.get() == before + 1
+    assert token not in (await (await client.get("/metrics")).text())
