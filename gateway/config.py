@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "GATEWAY_"
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")  # use with fullmatch
 SUPPORTED_ALGORITHMS = frozenset(
     {
         "HS256",
@@ -153,6 +153,10 @@ def load_settings(path: str | os.PathLike[str] | None, env: dict[str, str] | Non
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text (TOML must be UTF-8)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return settings_from_dict(raw, env, source, base_dir=Path(path).parent if path else Path.cwd())
@@ -278,7 +282,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> StorageSettings:
     if s.type not in ("gcs", "local"):
         raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
-    if not BUCKET_RE.match(s.bucket):
+    if not BUCKET_RE.fullmatch(s.bucket):
         raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
     if s.prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: must not start with '/'")

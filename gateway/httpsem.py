@@ -13,9 +13,9 @@ Choices RFC 9110 leaves to the server, made once here:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
 from urllib.parse import quote
 
@@ -136,8 +136,8 @@ def parse_http_date(value: str | None) -> int | None:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if parsed.tzinfo is None:
-        return None
+    if parsed.tzinfo is None:  # asctime carries no zone; RFC 9110 §5.6.7 says it is GMT
+        parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp())
 
 
@@ -214,7 +214,3 @@ def content_disposition(filename: str, attachment: bool) -> str:
     if ascii_name != filename:
         header += f"; filename*=UTF-8''{quote(filename, safe='')}"
     return header
-
-
-def now_http_date() -> str:
-    return format_http_date(time.time())

@@ -39,6 +39,8 @@ def parse_fileuri(value: str | None) -> GsUri:
         raise BadFileUri("fileuri is missing")
     if len(value) > _MAX_FILEURI:
         raise BadFileUri("fileuri is too long")
+    if "+" in value or "/" in value:
+        raise BadFileUri("fileuri must use the URL-safe base64 alphabet ('-' and '_')")
     try:
         raw = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
         text = raw.decode("utf-8")
@@ -51,7 +53,7 @@ def parse_gs_uri(text: str) -> GsUri:
     if not text.startswith("gs://"):
         raise BadFileUri("fileuri must decode to a gs://bucket/key URI")
     bucket, slash, key = text[5:].partition("/")
-    if not BUCKET_RE.match(bucket):
+    if not BUCKET_RE.fullmatch(bucket):
         raise BadFileUri("fileuri names an invalid bucket")
     if not slash or not key:
         raise BadFileUri("fileuri names no object key")
@@ -75,10 +77,11 @@ def find_gs_uris(data: Any) -> set[str]:
 def _walk(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         stripped = value.strip()
-        if stripped.startswith("gs://") and not any(c in stripped for c in "\"'<>\n"):
+        if stripped.startswith("gs://") and stripped.count("gs://") == 1 and not any(c in stripped for c in "\"'<>\n"):
             yield stripped  # a whole-string URI may contain spaces in its key
         else:
-            yield from _EMBEDDED_URI.findall(value)
+            # In prose a URI is often followed by punctuation: "see gs://b/a.png, then …".
+            yield from (uri.rstrip(".,;:)]}") for uri in _EMBEDDED_URI.findall(value))
     elif isinstance(value, dict):
         for item in value.values():
             yield from _walk(item)

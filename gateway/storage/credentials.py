@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import google.auth
@@ -32,22 +33,47 @@ def load_credentials(
     requests, as Label Studio's field of that name does.
     """
     try:
-        if setting and setting.lstrip().startswith("{"):
-            try:
-                info = json.loads(setting)
-            except json.JSONDecodeError:
-                raise CredentialsError("inline credentials are not valid JSON") from None
-            credentials, _ = google.auth.load_credentials_from_dict(info, scopes=list(scopes))
-        elif setting:
-            credentials, _ = google.auth.load_credentials_from_file(setting, scopes=list(scopes))
+        if setting:
+            info = _read_info(setting)
+            if info.get("type") == "external_account":
+                credentials = _external_account(info, scopes)
+            else:
+                credentials, _ = google.auth.load_credentials_from_dict(info, scopes=list(scopes))
         else:
             credentials, _ = google.auth.default(scopes=list(scopes))
-    except google.auth.exceptions.DefaultCredentialsError as exc:
+    except (google.auth.exceptions.DefaultCredentialsError, ValueError) as exc:
         # google-auth's messages name files and types, never key material.
         raise CredentialsError(str(exc).splitlines()[0]) from None
     if project_id and hasattr(credentials, "with_quota_project"):
         credentials = credentials.with_quota_project(project_id)
     return credentials
+
+
+def _read_info(setting: str) -> dict[str, Any]:
+    """The credential JSON, given inline or as a path."""
+    inline = setting.lstrip().startswith("{")
+    try:
+        info = json.loads(setting) if inline else json.loads(Path(setting).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CredentialsError(f"cannot read {setting}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CredentialsError(
+            "inline credentials are not valid JSON" if inline else f"{setting} is not valid JSON"
+        ) from None
+    if not isinstance(info, dict):
+        raise CredentialsError("credentials must be a JSON object")
+    return info
+
+
+def _external_account(info: dict[str, Any], scopes: tuple[str, ...]) -> Any:
+    """Workload identity federation, built without google-auth's start-up project lookup (a network call)."""
+    if info.get("subject_token_type") == "urn:ietf:params:aws:token-type:aws4_request":
+        from google.auth import aws as kind
+    elif (info.get("credential_source") or {}).get("executable"):
+        from google.auth import pluggable as kind  # type: ignore[no-redef]
+    else:
+        from google.auth import identity_pool as kind  # type: ignore[no-redef]
+    return kind.Credentials.from_info(info, scopes=list(scopes))
 
 
 class AccessTokens:
