@@ -9,6 +9,7 @@ request because the media response carries the metadata itself.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -27,10 +28,12 @@ from .httpsem import (
     parse_range,
     plan_response,
 )
-from .state import SUB, TASK
+from .state import ERROR, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader
-from .storage.base import RangeNotSatisfiable
+from .storage.base import RangeNotSatisfiable, StorageError
 from .uris import GsUri, parse_fileuri
+
+log = logging.getLogger("gateway.proxy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,15 @@ class MediaHandler:
                     await response.write(chunk)
             except ConnectionResetError:
                 return response  # the client went away; the finally below drops the upstream
+            except StorageError as exc:
+                # Headers are out: the only honest signal left is to close the connection
+                # before Content-Length bytes (after flushing what was sent).
+                request[ERROR] = exc.reason
+                log.warning("upstream failed mid-body (%s): aborting the client connection", exc.reason)
+                response.force_close()
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             finally:
                 metrics.ACTIVE_STREAMS.dec()
             await response.write_eof()
