@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -226,8 +227,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def serve(settings: Settings) -> None:
     """Run one worker in this process, or supervise N forked workers sharing the port."""
     workers = settings.server.workers
+    own_metrics_dir = None
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        own_metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
     configure_logging()
     from .storage import load_access_tokens
 
@@ -237,7 +240,11 @@ def serve(settings: Settings) -> None:
         return
     from .supervisor import supervise
 
-    supervise(settings, run_worker)
+    try:
+        supervise(settings, run_worker)
+    finally:
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
 
 
 def run_worker(settings: Settings) -> None:

@@ -204,8 +204,8 @@ class MediaHandler:
             try:
                 async for chunk in reader.chunks():
                     await response.write(chunk)
-            except ConnectionResetError:
-                return response  # the client went away; the finally below drops the upstream
+            except ConnectionError:  # the client went away (reset, or lost while paused for it)
+                return response  # the finally below drops the upstream connection
             except StorageError as exc:
                 # Headers are out: the only honest signal left is to close the connection
                 # before Content-Length bytes (after flushing what was sent).

@@ -59,6 +59,7 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
             if process.pid is not None:
                 mark_process_dead(process.pid)
             if stopping:
+                exit_code = exit_code or (1 if process.exitcode else 0)
                 continue
             if time.monotonic() - started < _MIN_HEALTHY_SECONDS:
                 log.error("worker %s exited with %s right after start; stopping", process.pid, process.exitcode)
