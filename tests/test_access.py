@@ -375,3 +375,27 @@ async def test_access_log_and_metrics_never_carry_the_token(gateway, caplog):
     assert token not in caplog.text and "garbage" not in caplog.text
     assert metrics.REQUESTS.labels("task_resolve", "proxy", "2xx")._value.get() == before + 1
     assert token not in (await (await client.get("/metrics")).text())
+
+
+async def test_steady_state_needs_no_registry_round_trip(gateway):
+    from gateway.state import REGISTRY as REGISTRY_KEY
+
+    client = await gateway()
+    registry = client.server.app[REGISTRY_KEY]
+    calls: list[int] = []
+    original = registry.task_access
+
+    async def counting(task_id: int):
+        calls.append(task_id)
+        return await original(task_id)
+
+    registry.task_access = counting
+    task = client.ids[0]
+    headers = bearer(make_token(tasks=[task]))
+    for _ in range(5):
+        assert (await client.get(url(task), headers=headers)).status == 200
+    assert calls == [task]
+    # Unknown tasks are looked up every time, so a task registered later is seen at once.
+    for _ in range(2):
+        await expect(await client.get(url(424242), headers=bearer(make_token(tasks="*"))), 404, "unknown_task")
+    assert calls == [task, 424242, 424242]
