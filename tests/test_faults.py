@@ -497,3 +497,25 @@ async def test_client_leaving_mid_stream_releases_the_upstream_connection(rig):
     await _eventually(upstream.is_closing, "the gateway to drop its upstream connection")
     await _eventually(lambda: _active_streams() == before, "gateway_active_streams to return to its value")
     assert rig.proxy.media_requests == 1
+
+
+async def test_upstream_request_counts(rig: Rig) -> None:
+    """A cold GET costs one upstream request; HEAD, 304, 412 and 416 never download media."""
+    proxy = rig.proxy
+    response = await rig.get()
+    assert response.status == 200 and await response.read() == rig.clip
+    assert (proxy.media_requests, proxy.other_requests) == (1, 0)  # metadata came with the media
+    etag = response.headers["ETag"]
+    headers = rig.world.auth()
+    url = rig.world.url(CLIP)
+    for extra, status in [
+        ({"If-None-Match": etag}, 304),
+        ({"If-Match": '"x"'}, 412),
+        ({"Range": "bytes=999999-"}, 416),
+    ]:
+        assert (await rig.world.client.get(url, headers={**headers, **extra})).status == status
+    assert (await rig.world.client.head(url, headers=headers)).status == 200
+    assert (proxy.media_requests, proxy.other_requests) == (1, 0)  # all answered from the metadata cache
+    ranged = await rig.world.client.get(url, headers={**headers, "Range": "bytes=10-19"})
+    assert await ranged.read() == rig.clip[10:20]
+    assert (proxy.media_requests, proxy.other_requests) == (2, 0)
