@@ -99,7 +99,11 @@ async def request_id_middleware(
 
 
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
-    """X-Request-ID on every answer, streamed ones included (set just before headers go out)."""
+    """X-Request-ID on every answer, streamed ones included (set just before headers go out).
+
+    The Server header names the product without versions, which only help attackers.
+    """
+    response.headers["Server"] = "media-gateway"
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers["X-Request-ID"] = request_id
