@@ -25,3 +25,19 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
+
+# `make bench [ARGS="--quick"]`: the benchmark harness (bench/README.md). Needs wrk and nginx;
+# installs them with apt-get when absent (as root).
+ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[bench]'
+	rm -f $(VENV)/.bench-installed-*
+	touch $@
+
+.PHONY: bench
+bench: $(BENCH_STAMP)
+	@command -v wrk >/dev/null 2>&1 && PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx-light; }
+	$(VENV)/bin/python -m bench $(ARGS)

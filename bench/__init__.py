@@ -1,0 +1,1 @@
+"""The gateway's benchmark harness: `make bench` (see bench/README.md)."""
