@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cachetools import LRUCache, TTLCache
 
+from .caching import ExpiringCache
 from .config import AuthSettings, RegistrySettings, StorageSettings
 from .errors import forbidden, unauthorized
 from .registry import TaskAccess, TaskRegistry
@@ -55,7 +55,9 @@ class TokenVerifier:
             if auth.jwks_url
             else None
         )
-        self._cache: LRUCache[str, Claims] = LRUCache(maxsize=auth.token_cache_size)
+        # Claims carry their own expiry (checked on every use); the TTL only bounds how long a
+        # verified token stays without re-verification, e.g. across a JWKS key rotation.
+        self._cache: ExpiringCache[str, Claims] = ExpiringCache(auth.token_cache_size, ttl=300)
 
     async def verify(self, token: str) -> Claims:
         claims = self._cache.get(token)
@@ -64,7 +66,7 @@ class TokenVerifier:
             self._cache[token] = claims
         now, leeway = time.time(), self._auth.leeway
         if now > claims.exp + leeway:
-            self._cache.pop(token, None)
+            self._cache.pop(token)
             raise unauthorized("expired_token", "the token has expired")
         if claims.nbf is not None and now + leeway < claims.nbf:
             raise unauthorized("token_not_yet_valid", "the token is not valid yet")
@@ -153,7 +155,7 @@ class TaskCache:
 
     def __init__(self, registry: TaskRegistry, settings: RegistrySettings) -> None:
         self._registry = registry
-        self._cache: TTLCache[int, TaskAccess] = TTLCache(settings.task_cache_size, settings.task_cache_ttl)
+        self._cache: ExpiringCache[int, TaskAccess] = ExpiringCache(settings.task_cache_size, settings.task_cache_ttl)
 
     async def get(self, task_id: int) -> TaskAccess | None:
         task = self._cache.get(task_id)

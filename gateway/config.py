@@ -91,6 +91,7 @@ class UpstreamSettings:
     retries: int = 3
     retry_backoff: float = 0.1
     pool_size: int = 256
+    buffer_size: int = 64 * 1024  # bytes read ahead per stream before reading from GCS pauses
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"[registry].url: expected a sqlite:// or postgresql:// URL, got {settings.registry.url!r}")
     if settings.media.chunk_size < 4096:
         raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
+    if settings.upstream.buffer_size < 4096:
+        raise ConfigError("[upstream].buffer_size: expected at least 4096 bytes")
     if settings.upstream.retries < 0:
         raise ConfigError("[upstream].retries: expected 0 or more")
     for origin in settings.cors.origins:

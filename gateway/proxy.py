@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 
 from aiohttp import web
-from cachetools import TTLCache
 
 from . import metrics
 from .acl import Claims, TaskCache, TokenVerifier, storage_for_project, storage_for_task, token_from
+from .caching import ExpiringCache
 from .config import Settings, StorageSettings
 from .errors import Refused, forbidden, unauthorized
 from .httpsem import (
@@ -62,7 +62,9 @@ class MediaHandler:
             self._storages_by_project.setdefault(storage.project, ())
             self._storages_by_project[storage.project] += (storage,)
         media = settings.media
-        self._entries: TTLCache[tuple[str, str], _Entry] = TTLCache(media.metadata_cache_size, media.metadata_ttl)
+        self._entries: ExpiringCache[tuple[str, str], _Entry] = ExpiringCache(
+            media.metadata_cache_size, media.metadata_ttl
+        )
         self._cache_control = f"private, max-age={media.cache_control_max_age}"
 
     async def task_resolve(self, request: web.Request) -> web.StreamResponse:

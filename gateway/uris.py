@@ -7,6 +7,7 @@ import binascii
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .config import BUCKET_RE
@@ -14,6 +15,7 @@ from .config import BUCKET_RE
 # Inside free text (HTML, captions …) a URI ends at whitespace, a quote or an angle bracket.
 _EMBEDDED_URI = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[^\s\"'<>]+")
 _MAX_FILEURI = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadFileUri(ValueError):
@@ -33,8 +35,13 @@ class GsUri:
         return self.key.rsplit("/", 1)[-1]
 
 
+@lru_cache(maxsize=4096)
 def parse_fileuri(value: str | None) -> GsUri:
-    """Decode Label Studio's `fileuri` (URL-safe base64, padding optional) into a GsUri."""
+    """Decode Label Studio's `fileuri` (URL-safe base64, padding optional) into a GsUri.
+
+    Pure, and asked for the same few URIs over and over (every range of a video): cached.
+    Refusals are exceptions, which lru_cache never stores.
+    """
     if not value:
         raise BadFileUri("fileuri is missing")
     if len(value) > _MAX_FILEURI:
@@ -57,7 +64,7 @@ def parse_gs_uri(text: str) -> GsUri:
         raise BadFileUri("fileuri names an invalid bucket")
     if not slash or not key:
         raise BadFileUri("fileuri names no object key")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL.search(key):
         raise BadFileUri("fileuri object key contains control characters")
     if any(part in (".", "..") for part in key.split("/")):
         raise BadFileUri("fileuri object key contains '.' or '..' segments")

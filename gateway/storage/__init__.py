@@ -33,7 +33,7 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
         timeout=timeout,
         auto_decompress=False,
         raise_for_status=False,
-        read_bufsize=settings.media.chunk_size,
+        read_bufsize=upstream.buffer_size,
     )
 
 

@@ -14,12 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from urllib.parse import quote
 
 import aiohttp
 import google.auth.exceptions
 from multidict import CIMultiDictProxy
 from prometheus_client import Histogram
+from yarl import URL
 
 from .. import metrics
 from ..config import UpstreamSettings
@@ -65,8 +67,13 @@ class GcsBackend:
         self._ttfb = metrics.UPSTREAM_TTFB.labels(self.name)
         self._retries = metrics.UPSTREAM_RETRIES.labels(self.name)
 
+    @lru_cache(maxsize=4096)  # noqa: B019 - one backend per storage, alive as long as the app
+    def _url(self, key: str, query: str) -> URL:
+        """The object's encoded URL, built once: yarl then skips re-quoting on every request."""
+        return URL(f"{self._object_url}{quote(key, safe='')}?{query}", encoded=True)
+
     async def stat(self, key: str) -> ObjectMeta:
-        response = await self._request("stat", self._object_url + quote(key, safe=""), {"fields": _META_FIELDS})
+        response = await self._request("stat", self._url(key, f"fields={_META_FIELDS}"))
         async with response:
             if response.status != 200:
                 raise _status_error(response.status, key)
@@ -84,7 +91,7 @@ class GcsBackend:
         if byte_range is not None:
             headers["Range"] = byte_range.header_value()
         started = time.perf_counter()
-        response = await self._request("open", self._object_url + quote(key, safe=""), {"alt": "media"}, headers)
+        response = await self._request("open", self._url(key, "alt=media"), headers)
         if response.status not in (200, 206):
             response.release()
             if response.status == 416:
@@ -98,7 +105,7 @@ class GcsBackend:
         return GcsReader(meta, first, last, response.status == 206, response, self._upstream, self._ttfb, started)
 
     async def check(self) -> None:
-        response = await self._request("check", self._list_url, {"maxResults": "1", "fields": "kind"})
+        response = await self._request("check", URL(f"{self._list_url}?maxResults=1&fields=kind", encoded=True))
         async with response:
             if response.status != 200:
                 raise _status_error(response.status, "(bucket listing)")
@@ -106,9 +113,7 @@ class GcsBackend:
     async def close(self) -> None:
         pass  # the session belongs to the application
 
-    async def _request(
-        self, operation: str, url: str, params: dict[str, str], headers: dict[str, str] | None = None
-    ) -> aiohttp.ClientResponse:
+    async def _request(self, operation: str, url: URL, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
         """GET with retries of connect errors and 5xx answers, all before the first byte."""
         headers = dict(headers or {})
         upstream = self._upstream
@@ -122,7 +127,7 @@ class GcsBackend:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout):
-                    response = await self._session.get(url, params=params, headers=headers)
+                    response = await self._session.get(url, headers=headers)
             except TimeoutError:
                 metrics.UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
                 raise UpstreamTimeout("storage did not answer in time") from None
@@ -206,7 +211,7 @@ def _media_meta(headers: CIMultiDictProxy[str], status: int) -> tuple[ObjectMeta
     meta = ObjectMeta(
         size=size,
         etag=f'"{headers["X-Goog-Generation"]}"',
-        last_modified=int(parsedate_to_datetime(headers["Last-Modified"]).timestamp()),
+        last_modified=_http_date_seconds(headers["Last-Modified"]),
         content_type=headers.get("Content-Type") or "application/octet-stream",
         content_encoding=_stored_encoding(
             headers.get("X-Goog-Stored-Content-Encoding", headers.get("Content-Encoding"))
@@ -217,6 +222,12 @@ def _media_meta(headers: CIMultiDictProxy[str], status: int) -> tuple[ObjectMeta
 
 def _stored_encoding(value: str | None) -> str | None:
     return None if not value or value == "identity" else value
+
+
+@lru_cache(maxsize=1024)
+def _http_date_seconds(value: str) -> int:
+    """Last-Modified of a media response: the same few dates over and over, so parsed once."""
+    return int(parsedate_to_datetime(value).timestamp())
 
 
 def _rfc3339_seconds(value: str) -> int:
