@@ -151,18 +151,29 @@ def token_from(auth: AuthSettings, headers: Any, cookies: Any, query: Any) -> st
 
 
 class TaskCache:
-    """Task lookups kept for `task_cache_ttl`; misses are never cached, so new tasks show at once."""
+    """Task lookups kept for `task_cache_ttl`; misses are never cached, so new tasks show at once.
+
+    Concurrent lookups of one task share a single registry query (a cold start under load would
+    otherwise send one query per waiting request).
+    """
 
     def __init__(self, registry: TaskRegistry, settings: RegistrySettings) -> None:
         self._registry = registry
         self._cache: ExpiringCache[int, TaskAccess] = ExpiringCache(settings.task_cache_size, settings.task_cache_ttl)
+        self._pending: dict[int, asyncio.Future[TaskAccess | None]] = {}
 
     async def get(self, task_id: int) -> TaskAccess | None:
         task = self._cache.get(task_id)
-        if task is None:
-            task = await self._registry.task_access(task_id)
-            if task is not None:
-                self._cache[task_id] = task
+        if task is not None:
+            return task
+        pending = self._pending.get(task_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._registry.task_access(task_id))
+            self._pending[task_id] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(task_id, None))
+        task = await asyncio.shield(pending)
+        if task is not None:
+            self._cache[task_id] = task
         return task
 
 

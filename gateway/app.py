@@ -25,7 +25,6 @@ from .state import BACKENDS, ERROR, READINESS, REGISTRY, REQUEST_ID, SETTINGS, S
 from .storage import Backend, StorageError, build_backends, client_session
 from .uris import BadFileUri
 
-log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
 

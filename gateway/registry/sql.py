@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import (
@@ -58,12 +59,16 @@ class SqlTaskRegistry:
         if self._engine.dialect.name == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         self._ready = False
+        self._schema_lock = asyncio.Lock()
 
     async def _ensure_schema(self) -> None:
-        if not self._ready:
-            async with self._engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
-            self._ready = True
+        if self._ready:
+            return
+        async with self._schema_lock:
+            if not self._ready:
+                async with self._engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+                self._ready = True
 
     async def add_tasks(self, project: str, tasks: list[dict[str, Any]]) -> list[int]:
         """Insert tasks in one transaction: all of them, or none."""
