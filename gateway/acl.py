@@ -18,7 +18,7 @@ import jwt
 
 from .caching import ExpiringCache
 from .config import AuthSettings, RegistrySettings, StorageSettings
-from .errors import forbidden, unauthorized
+from .errors import Refused, forbidden, unauthorized
 from .registry import TaskAccess, TaskRegistry
 from .uris import GsUri
 
@@ -77,14 +77,16 @@ class TokenVerifier:
             alg = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError:
             raise unauthorized("invalid_token", "the token is not a well-formed JWT") from None
-        if alg not in self._algorithms:
-            raise unauthorized("invalid_token", f"the token's algorithm {alg!r} is not accepted")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise unauthorized("invalid_token", "the token's algorithm is not accepted")
         key: Any
         if alg.startswith("HS"):
             key = self._auth.secret
         elif self._jwks is not None:
             try:
                 key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
+            except jwt.PyJWKClientConnectionError:
+                raise Refused(503, "jwks_unavailable", "the token issuer's key set cannot be fetched") from None
             except jwt.PyJWTError:
                 raise unauthorized("invalid_token", "no JWKS key matches the token's kid") from None
         else:
@@ -108,27 +110,45 @@ class TokenVerifier:
             raise unauthorized("invalid_audience", "the token is for another audience") from None
         except jwt.InvalidIssuerError:
             raise unauthorized("invalid_issuer", "the token comes from another issuer") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise unauthorized("invalid_token", f"the token lacks the {exc.claim!r} claim") from None
+        except jwt.MissingRequiredClaimError:
+            raise unauthorized("invalid_token", "the token lacks a required claim (sub, exp)") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise unauthorized("invalid_token", "the token's signature does not verify") from None
         return _claims(payload)
 
 
 def _claims(payload: dict[str, Any]) -> Claims:
-    try:
-        tasks = payload.get("tasks", [])
-        projects = payload.get("projects", [])
-        return Claims(
-            sub=str(payload["sub"]),
-            exp=float(payload["exp"]),
-            nbf=float(payload["nbf"]) if "nbf" in payload else None,
-            tasks=ANY if tasks == ANY else frozenset(int(t) for t in tasks),
-            projects=ANY if projects == ANY else frozenset(str(p) for p in projects),
-            admin=payload.get("admin") is True,
+    """Strict claim types: `tasks` is "*" or a list of integer ids, `projects` "*" or a list of
+    string or integer ids. Anything else (a bare "19" would otherwise read as tasks 1 and 9)
+    makes the token invalid."""
+    tasks, projects = payload.get("tasks", []), payload.get("projects", [])
+    exp, nbf = payload["exp"], payload.get("nbf")
+    if not (
+        (tasks == ANY or (isinstance(tasks, list) and all(_is_int(t) for t in tasks)))
+        and (
+            projects == ANY or (isinstance(projects, list) and all(_is_int(p) or isinstance(p, str) for p in projects))
         )
-    except (TypeError, ValueError):
-        raise unauthorized("invalid_token", "the token's tasks/projects claims are malformed") from None
+        and isinstance(payload["sub"], str | int)
+        and _is_number(exp)
+        and (nbf is None or _is_number(nbf))
+    ):
+        raise unauthorized("invalid_token", "the token's claims have the wrong types")
+    return Claims(
+        sub=str(payload["sub"]),
+        exp=float(exp),
+        nbf=None if nbf is None else float(nbf),
+        tasks=ANY if tasks == ANY else frozenset(tasks),
+        projects=ANY if projects == ANY else frozenset(str(p) for p in projects),
+        admin=payload.get("admin") is True,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def token_from(auth: AuthSettings, headers: Any, cookies: Any, query: Any) -> str | None:
@@ -180,7 +200,11 @@ class TaskCache:
 def storage_for_task(
     claims: Claims, task: TaskAccess, uri: GsUri, storages: tuple[StorageSettings, ...]
 ) -> StorageSettings:
-    """The storage to read `uri` from for `task`, or AccessDenied (403) naming what is missing."""
+    """The storage to read `uri` from for `task`, or a 403 naming what is missing.
+
+    The task's reference is the grant: any storage of the task's project with the URI's bucket
+    serves it, whatever its prefix (prefixes bound what /projects/{id}/resolve/ may serve).
+    """
     if not claims.grants_task(task.id, task.project):
         raise forbidden("no_grant", f"the token does not grant task {task.id}")
     if str(uri) not in task.uris:

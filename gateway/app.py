@@ -20,11 +20,12 @@ from .config import Settings
 from .cors import add_cors
 from .errors import Refused
 from .proxy import MediaHandler
-from .registry import TaskRegistry, open_registry
+from .registry import RegistryUnavailable, TaskRegistry, open_registry
 from .state import BACKENDS, ERROR, READINESS, REGISTRY, REQUEST_ID, SETTINGS, STARTED, SUB, TASK, VERIFIER
 from .storage import Backend, StorageError, build_backends, client_session
 from .uris import BadFileUri
 
+log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
 
@@ -121,21 +122,37 @@ async def gateway_middleware(
         if exc.status in (401, 403):
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
         if exc.status == 401:
-            code = "invalid_request" if exc.reason == "missing_token" else "invalid_token"
-            headers = {"WWW-Authenticate": f'{_BEARER_REALM}, error="{code}", error_description="{exc.message}"'}
+            headers = {"WWW-Authenticate": _challenge(exc)}
         return json_error(exc.status, exc.reason, exc.message, headers)
     except BadFileUri as exc:
         request[ERROR] = "bad_fileuri"
         return json_error(400, "bad_fileuri", str(exc))
     except StorageError as exc:
         request[ERROR] = exc.reason
-        message = {404: "the object does not exist"}.get(exc.status, str(exc))
-        return json_error(exc.status, exc.reason, message)
+        return json_error(exc.status, exc.reason, exc.public_message or str(exc))
+    except RegistryUnavailable:
+        request[ERROR] = "registry_unavailable"
+        log.exception("registry unavailable (request %s)", request[REQUEST_ID])
+        return json_error(503, "registry_unavailable", "the task registry cannot be reached; retry")
     except web.HTTPException as exc:
         if exc.empty_body or exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
         return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers)
+    except Exception:
+        if request.writer.output_size > 0:
+            raise  # headers are out: aiohttp closes the connection
+        request[ERROR] = "internal_error"
+        log.exception("unexpected error (request %s)", request[REQUEST_ID])
+        return json_error(500, "internal_error", f"unexpected error; request id {request[REQUEST_ID]}")
+
+
+def _challenge(exc: Refused) -> str:
+    """The RFC 6750 challenge; a missing token is `invalid_request` (a required parameter is
+    absent), every other failure `invalid_token`. The description is our own text, quoted safely."""
+    code = "invalid_request" if exc.reason == "missing_token" else "invalid_token"
+    description = exc.message.replace("\\", "").replace('"', "'")
+    return f'{_BEARER_REALM}, error="{code}", error_description="{description}"'
 
 
 async def healthz(_request: web.Request) -> web.Response:

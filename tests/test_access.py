@@ -72,6 +72,10 @@ def forged_claims() -> dict:
     return {"sub": "mallory", "exp": int(time.time()) + 60, "tasks": "*"}
 
 
+def forge_header(header: dict) -> str:
+    return f"{b64url(header)}.{b64url(forged_claims())}.c2ln"
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -108,6 +112,12 @@ TOKEN_FAILURES = [
     ),
     ("alg not allowed", lambda: make_token(tasks=[1], algorithm="HS512"), "invalid_token"),
     ("bad tasks claim", lambda: make_token(tasks=["one"]), "invalid_token"),
+    # A scalar must never be read as a list of its characters ("19" is not tasks 1 and 9).
+    ("scalar tasks claim", lambda: make_token(tasks="19"), "invalid_token"),
+    ("scalar projects claim", lambda: make_token(projects="12"), "invalid_token"),
+    ("boolean task id", lambda: make_token(tasks=[True]), "invalid_token"),
+    ("float task id", lambda: make_token(tasks=[1.9]), "invalid_token"),
+    ("alg is a list", lambda: forge_header({"alg": ["HS256"], "typ": "JWT"}), "invalid_token"),
 ]
 
 
@@ -118,6 +128,7 @@ async def test_bad_tokens_are_401_with_a_challenge(gateway, factory, reason):
     await expect(response, 401, reason)
     challenge = response.headers["WWW-Authenticate"]
     assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
+    assert challenge.count('"') == 6  # realm, error, error_description: nothing injected
 
 
 async def test_missing_token(gateway):

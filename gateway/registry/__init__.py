@@ -31,6 +31,10 @@ class TaskRegistry(Protocol):
     async def close(self) -> None: ...
 
 
+class RegistryUnavailable(Exception):
+    """The registry's database cannot be reached (answered as 503)."""
+
+
 class BadTask(ValueError):
     """A task that is not Label Studio task JSON; the message names the task's position."""
 

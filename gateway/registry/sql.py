@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -21,10 +23,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..uris import find_gs_uris
-from . import TaskAccess
+from . import RegistryUnavailable, TaskAccess
 
 metadata = MetaData()
 
@@ -86,7 +89,7 @@ class SqlTaskRegistry:
 
     async def task_access(self, task_id: int) -> TaskAccess | None:
         await self._ensure_schema()
-        async with self._engine.connect() as conn:
+        async with _unavailable(), self._engine.connect() as conn:
             project = (
                 await conn.execute(select(tasks_table.c.project).where(tasks_table.c.id == task_id))
             ).scalar_one_or_none()
@@ -115,10 +118,18 @@ class SqlTaskRegistry:
         await self._engine.dispose()
 
 
+@asynccontextmanager
+async def _unavailable() -> AsyncIterator[None]:
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        raise RegistryUnavailable(type(exc).__name__) from exc
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     """WAL and a busy timeout let several worker processes share one SQLite file."""
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=5000")  # first, so switching to WAL may wait too
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

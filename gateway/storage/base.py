@@ -56,16 +56,19 @@ class StorageError(Exception):
 
     status = 502
     reason = "upstream_error"
+    public_message: str | None = None  # a fixed answer text where the exception's own names a key
 
 
 class ObjectNotFound(StorageError):
     status = 404
     reason = "not_found"
+    public_message = "the object does not exist"
 
 
 class RangeNotSatisfiable(StorageError):
     status = 416
     reason = "range_not_satisfiable"
+    public_message = "the requested range lies outside the object"
 
 
 class UpstreamDenied(StorageError):
