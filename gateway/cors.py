@@ -34,7 +34,7 @@ def add_cors(app: web.Application, cors: CorsSettings, route_names: Iterable[str
         return "*" if allow_any else None
 
     def base_headers(origin: str) -> dict[str, str]:
-        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        headers = {"Access-Control-Allow-Origin": origin}
         if origin != "*":
             headers["Access-Control-Allow-Credentials"] = "true"
         return headers
@@ -45,6 +45,7 @@ def add_cors(app: web.Application, cors: CorsSettings, route_names: Iterable[str
         if origin is None or method not in ("GET", "HEAD"):
             return web.json_response({"error": "cors_refused", "message": "origin or method not allowed"}, status=403)
         headers = base_headers(origin) | {
+            "Vary": "Origin",
             "Access-Control-Allow-Methods": ALLOW_METHODS,
             "Access-Control-Allow-Headers": ALLOW_HEADERS,
             "Access-Control-Max-Age": str(cors.max_age),
@@ -55,6 +56,8 @@ def add_cors(app: web.Application, cors: CorsSettings, route_names: Iterable[str
         resource = request.match_info.route.resource
         if resource is None or resource.name not in names or request.method == "OPTIONS":
             return
+        # Always: a response cached for a plain <video> fetch must not be reused for a CORS fetch.
+        response.headers["Vary"] = "Origin"
         origin = allowed(request.headers.get("Origin"))
         if origin is not None:
             response.headers.update(base_headers(origin))

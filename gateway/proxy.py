@@ -30,7 +30,7 @@ from .httpsem import (
 )
 from .state import ERROR, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader
-from .storage.base import RangeNotSatisfiable, StorageError
+from .storage.base import ObjectNotFound, RangeNotSatisfiable, StorageError
 from .uris import GsUri, parse_fileuri
 
 log = logging.getLogger("gateway.proxy")
@@ -45,6 +45,20 @@ class _Entry:
     attachment: str  # Content-Disposition for ?download=1
 
 
+_ACTIVE_TYPES = ("html", "xml", "javascript", "ecmascript")
+
+
+def _is_active(content_type: str) -> bool:
+    """Types a browser would execute when opened directly (HTML, SVG and other XML, scripts)."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return any(word in media_type for word in _ACTIVE_TYPES)
+
+
+def _delivers(plan: Plan, reader: ObjectReader) -> bool:
+    """Whether an open download carries exactly the span the plan promises to the client."""
+    return (plan.status == 206) == reader.partial and (plan.first, plan.last) == (reader.first, reader.last)
+
+
 class MediaHandler:
     def __init__(
         self,
@@ -57,10 +71,7 @@ class MediaHandler:
         self._verifier = verifier
         self._tasks = tasks
         self._backends = backends
-        self._storages_by_project: dict[str, tuple[StorageSettings, ...]] = {}
-        for storage in settings.storages:
-            self._storages_by_project.setdefault(storage.project, ())
-            self._storages_by_project[storage.project] += (storage,)
+        self._storages_by_project = {s.project: settings.storages_of(s.project) for s in settings.storages}
         media = settings.media
         self._entries: ExpiringCache[tuple[str, str], _Entry] = ExpiringCache(
             media.metadata_cache_size, media.metadata_ttl
@@ -113,14 +124,20 @@ class MediaHandler:
                         return response
             entry = self._entries.get(cache_key) or self._remember(cache_key, uri, await backend.stat(uri.key))
 
-        for _ in range(2):  # a second round only if the object changed between stat and open
+        for _ in range(2):  # a second round only if the cached metadata turned out stale
             plan = plan_response(request.method, headers, entry.meta.etag, entry.meta.last_modified, entry.meta.size)
             if plan.status not in (200, 206):
                 return self._bodiless(plan, entry)
             if request.method == "HEAD":
                 return await self._head(request, plan, entry)
-            reader = await backend.open(uri.key, ByteRange(plan.first, plan.last) if plan.status == 206 else None)
-            if (reader.meta.etag, reader.meta.size) == (entry.meta.etag, entry.meta.size):
+            try:
+                reader = await backend.open(uri.key, ByteRange(plan.first, plan.last) if plan.status == 206 else None)
+            except (RangeNotSatisfiable, ObjectNotFound):
+                # The object shrank or went away since it was cached: ask again (a 404 now is real).
+                self._entries.pop(cache_key)
+                entry = self._remember(cache_key, uri, await backend.stat(uri.key))
+                continue
+            if reader.meta.etag == entry.meta.etag and _delivers(plan, reader):
                 return await self._stream(request, plan, entry, reader)
             reader.close()
             entry = self._remember(cache_key, uri, reader.meta)
@@ -142,7 +159,7 @@ class MediaHandler:
         entry = self._remember(cache_key, uri, reader.meta)
         meta = reader.meta
         plan = plan_response("GET", request.headers, meta.etag, meta.last_modified, meta.size)
-        if (plan.status == 206) == reader.partial and (plan.first, plan.last) == (reader.first, reader.last):
+        if _delivers(plan, reader):
             return await self._stream(request, plan, entry, reader)
         reader.close()
         return None
@@ -154,11 +171,20 @@ class MediaHandler:
             "Last-Modified": format_http_date(meta.last_modified),
             "Content-Type": meta.content_type,
             "Cache-Control": self._cache_control,
+            # Objects come from a dataset, not from us: never let a browser sniff or run them
+            # in the gateway's origin, where the page could read the token from its own URL.
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
         }
         if meta.content_encoding:
             headers["Content-Encoding"] = meta.content_encoding
-        headers["Content-Disposition"] = content_disposition(uri.filename, attachment=False)
-        entry = _Entry(meta, headers, content_disposition(uri.filename, attachment=True))
+        attachment = content_disposition(uri.filename, attachment=True)
+        if _is_active(meta.content_type):
+            headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
+            headers["Content-Disposition"] = attachment
+        else:
+            headers["Content-Disposition"] = content_disposition(uri.filename, attachment=False)
+        entry = _Entry(meta, headers, attachment)
         self._entries[cache_key] = entry
         return entry
 

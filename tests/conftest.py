@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -64,6 +65,10 @@ class Emulator:
             method="POST",
         )
         urllib.request.urlopen(request).read()
+
+    def delete(self, bucket: str, key: str) -> None:
+        quoted = urllib.parse.quote(key, safe="")
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/storage/v1/b/{bucket}/o/{quoted}", method="DELETE"))
 
     def upload(self, bucket: str, key: str, data: bytes, content_type: str, encoding: str | None = None) -> None:
         meta: dict[str, Any] = {"name": key, "contentType": content_type}
@@ -164,12 +169,16 @@ def sample_objects() -> list[StoredObject]:
         StoredObject("empty.txt", b"", "text/plain"),
         StoredObject("other/secret.bin", b"not for task A" * 10, "application/octet-stream"),
         StoredObject("outside/x.bin", b"outside the storage prefix", "application/octet-stream"),
+        StoredObject("pages/evil.html", b"<script>alert(location.search)</script>", "text/html"),
+        StoredObject(
+            "img/evil.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>1</script></svg>', "image/svg+xml"
+        ),
     ]
 
 
 @dataclass
 class MediaWorld:
-    """A gateway with objects and two tasks: A references the first four objects, B the fifth."""
+    """A gateway with objects and two tasks: B references other/secret.bin, A the rest but outside/."""
 
     kind: str
     bucket: str
@@ -190,6 +199,17 @@ class MediaWorld:
 
     def project_url(self, key: str, project: str = PROJECT) -> str:
         return f"/projects/{project}/resolve/?fileuri={encode_fileuri(self.uri(key))}"
+
+    def replace(self, key: str, data: bytes | None) -> None:
+        """Change (or, with None, delete) an object behind the gateway's back."""
+        obj = self.objects[key]
+        if self.kind == "local":
+            path = Path(self.settings.storages[0].root or "") / key
+            path.unlink() if data is None else path.write_bytes(data)
+        elif data is None:
+            self.extra["emulator"].delete(self.bucket, key)
+        else:
+            self.extra["emulator"].upload(self.bucket, key, data, obj.content_type, obj.encoding)
 
     def auth(self, **claims: Any) -> dict[str, str]:
         claims.setdefault("tasks", [self.task_a])
@@ -236,7 +256,7 @@ async def media(request, tmp_path, aiohttp_client, monkeypatch) -> MediaWorld:
     objects = sample_objects()
     storage = seed(kind, bucket, objects, tmp_path, emu)
     settings = build_settings([storage], tmp_path, **getattr(request, "param_sections", {}))
-    world = MediaWorld(kind, bucket, {o.key: o for o in objects}, settings)
+    world = MediaWorld(kind, bucket, {o.key: o for o in objects}, settings, extra={"emulator": emu})
     app = create_app(settings)
     from gateway.state import REGISTRY
 
@@ -248,6 +268,7 @@ async def media(request, tmp_path, aiohttp_client, monkeypatch) -> MediaWorld:
                     "video": world.uri("video/clip.bin"),
                     "nested": [{"doc": world.uri("docs/Résumé été.pdf")}],
                     "html": f'<a href="{world.uri("data/records.json.gz")}">records</a> and {world.uri("empty.txt")}',
+                    "active": [world.uri("pages/evil.html"), world.uri("img/evil.svg")],
                 }
             },
             {"data": {"image": world.uri("other/secret.bin")}},

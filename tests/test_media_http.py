@@ -151,3 +151,31 @@ async def test_metadata_cache_answers_head_and_304_without_download(media):
         assert (await fetch(media, headers=headers))[0].status == status
     assert metrics.METADATA_HIT._value.get() - hits == 4
     assert metrics.METADATA_MISS._value.get() == misses
+
+
+@pytest.mark.parametrize("key", ["pages/evil.html", "img/evil.svg"])
+async def test_active_content_is_never_rendered_in_the_gateway_origin(media, key):
+    response, body = await fetch(media, key=key)
+    assert response.status == 200 and body == media.objects[key].data
+    assert response.headers["Content-Disposition"].startswith("attachment;")
+    assert response.headers["Content-Security-Policy"].startswith("sandbox")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    plain, _ = await fetch(media)
+    assert plain.headers["X-Content-Type-Options"] == "nosniff"
+    assert plain.headers["Referrer-Policy"] == "no-referrer"
+    assert "Content-Security-Policy" not in plain.headers
+
+
+async def test_stale_metadata_is_refreshed_when_the_object_shrinks_or_goes(media):
+    key = "docs/Résumé été.pdf"
+    await fetch(media, key=key)  # cached: 1,300 bytes
+    media.replace(key, b"tiny")
+    response, body = await fetch(media, key=key, headers={"Range": "bytes=10-15"})
+    assert response.status == 416
+    assert response.headers["Content-Range"] == "bytes */4"
+    assert key not in body.decode()  # error texts never name the object
+    response, body = await fetch(media, key=key)
+    assert (response.status, body) == (200, b"tiny")
+    media.replace(key, None)
+    response, body = await fetch(media, key=key, headers={"Range": "bytes=0-1"})
+    assert response.status == 404 and b"not_found" in body
