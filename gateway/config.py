@@ -54,7 +54,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class AuthSettings:
     algorithms: tuple[str, ...] = ("HS256",)
-    secret: str | None = None
+    secret: str | None = field(default=None, repr=False)
     public_key_file: str | None = None
     private_key_file: str | None = None
     jwks_url: str | None = None
@@ -237,6 +237,9 @@ def _base_type(annotation: Any) -> Any:
     return origin or hint
 
 
+_SECRET_FIELDS = frozenset({"secret", "google_application_credentials"})
+
+
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in table:
@@ -248,7 +251,12 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
             if f.default is dataclasses.MISSING:
                 raise ConfigError(f"{where}.{name}: required")
             continue
-        values[name] = _coerce(table[name], _base_type(f.type), f"{where}.{name}")
+        try:
+            values[name] = _coerce(table[name], _base_type(f.type), f"{where}.{name}")
+        except ConfigError as exc:
+            if name in _SECRET_FIELDS:  # the message would quote the value
+                raise ConfigError(f"{where}.{name}: expected a string") from None
+            raise exc
     return cls(**values)
 
 
@@ -335,6 +343,31 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[auth]: every token source is switched off (header, cookie, query_param)")
     if not settings.registry.url.startswith(("sqlite", "postgresql")):
         raise ConfigError(f"[registry].url: expected a sqlite:// or postgresql:// URL, got {settings.registry.url!r}")
+    for where, value in (
+        ("[auth].token_cache_size", auth.token_cache_size),
+        ("[registry].task_cache_size", settings.registry.task_cache_size),
+        ("[media].metadata_cache_size", settings.media.metadata_cache_size),
+        ("[upstream].pool_size", settings.upstream.pool_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{where}: expected at least 1, got {value}")
+    for where, number in (
+        ("[server].shutdown_timeout", server.shutdown_timeout),
+        ("[media].cache_control_max_age", settings.media.cache_control_max_age),
+        ("[media].metadata_ttl", settings.media.metadata_ttl),
+        ("[registry].task_cache_ttl", settings.registry.task_cache_ttl),
+        ("[upstream].retry_backoff", settings.upstream.retry_backoff),
+        ("[auth].jwks_cooldown", auth.jwks_cooldown),
+    ):
+        if number < 0:
+            raise ConfigError(f"{where}: expected 0 or more, got {number}")
+    for where, number in (
+        ("[upstream].connect_timeout", settings.upstream.connect_timeout),
+        ("[upstream].first_byte_timeout", settings.upstream.first_byte_timeout),
+        ("[upstream].idle_timeout", settings.upstream.idle_timeout),
+    ):
+        if number <= 0:
+            raise ConfigError(f"{where}: expected more than 0 seconds, got {number}")
     if settings.media.chunk_size < 4096:
         raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
     if settings.upstream.buffer_size < 4096:

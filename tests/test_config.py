@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +416,37 @@ def test_settings_are_immutable() -> None:
     with pytest.raises(AttributeError):
         settings.server.port = 1  # type: ignore[misc]
     assert isinstance(settings.cors, CorsSettings)
+
+
+def test_secrets_stay_out_of_reprs_and_type_errors() -> None:
+    secret = "s" * 40
+    settings = settings_from_dict({"auth": {"secret": secret}}, env={})
+    assert secret not in repr(settings)
+    key_table = {"private_key": "-----BEGIN PRIVATE KEY-----"}
+    raw = {
+        "auth": {"secret": secret},
+        "storages": [
+            {"id": "g", "project": "1", "type": "gcs", "bucket": "bkt", "google_application_credentials": key_table}
+        ],
+    }
+    with pytest.raises(ConfigError) as caught:
+        settings_from_dict(raw, env={})
+    assert "google_application_credentials" in str(caught.value) and "PRIVATE" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("media", "metadata_cache_size", 0),
+        ("auth", "token_cache_size", 0),
+        ("registry", "task_cache_size", 0),
+        ("media", "cache_control_max_age", -1),
+        ("server", "shutdown_timeout", -1.0),
+        ("upstream", "idle_timeout", 0.0),
+    ],
+)
+def test_sizes_and_durations_out_of_range_are_refused(section: str, key: str, value: float) -> None:
+    raw: dict[str, Any] = {"auth": {"secret": "s" * 40}}
+    raw.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError, match=re.escape(f"[{section}].{key}")):
+        settings_from_dict(raw, env={})

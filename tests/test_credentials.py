@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -154,3 +155,13 @@ async def test_gcs_requests_carry_the_access_token(tmp_path, aiohttp_server):
     assert (meta.size, meta.etag, meta.content_type) == (3, '"42"', "text/plain")
     assert seen[0]["Authorization"] == "Bearer token-1"
     assert seen[0]["x-goog-user-project"] == "billing-project"
+
+
+@pytest.mark.parametrize("shape", ["base64", "json list"])
+def test_key_material_given_the_wrong_way_is_never_echoed(shape):
+    info = json.dumps(service_account_info())
+    value = base64.b64encode(info.encode()).decode() if shape == "base64" else f" [{info}]"
+    with pytest.raises(CredentialsError) as caught:
+        load_credentials(value)
+    assert value.strip()[:40] not in str(caught.value) and "PRIVATE" not in str(caught.value)
+    assert f"({len(value)} characters)" in str(caught.value)

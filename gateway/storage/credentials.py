@@ -52,13 +52,20 @@ def load_credentials(
 def _read_info(setting: str) -> dict[str, Any]:
     """The credential JSON, given inline or as a path."""
     inline = setting.lstrip().startswith("{")
+    # The value may be key material given the wrong way (base64, a JSON list …): never echo it
+    # unless it is plausibly a path.
+    plausible_path = not inline and len(setting) < 1024 and "\n" not in setting
     try:
         info = json.loads(setting) if inline else json.loads(Path(setting).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CredentialsError(f"cannot read {setting}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError) as exc:
+        if inline:
+            raise CredentialsError("inline credentials are not valid JSON") from None
+        if plausible_path and isinstance(exc, OSError):
+            raise CredentialsError(f"cannot read {setting}: {exc.strerror}") from None
+        if plausible_path:
+            raise CredentialsError(f"{setting} is not a JSON key file") from None
         raise CredentialsError(
-            "inline credentials are not valid JSON" if inline else f"{setting} is not valid JSON"
+            f"neither a readable JSON key file nor a JSON object ({len(setting)} characters)"
         ) from None
     if not isinstance(info, dict):
         raise CredentialsError("credentials must be a JSON object")
