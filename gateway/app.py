@@ -52,7 +52,7 @@ def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.
     app[BACKENDS] = backends
     media = MediaHandler(settings, app[VERIFIER], TaskCache(app[REGISTRY], settings.registry), backends)
     for name, path, handler in (
-        ("task_resolve", r"/tasks/{task_id:\d+}/resolve/", media.task_resolve),
+        ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
     ):
         resource = app.router.add_resource(path, name=name)

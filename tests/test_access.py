@@ -413,3 +413,10 @@ async def test_steady_state_needs_no_registry_round_trip(gateway):
     for _ in range(2):
         await expect(await client.get(url(424242), headers=bearer(make_token(tasks="*"))), 404, "unknown_task")
     assert calls == [task, 424242, 424242]
+
+
+async def test_absurd_task_ids_are_404_json(gateway):
+    client = await gateway()
+    for path in ("/tasks/99999999999999999999999/resolve/?fileuri=x", "/api/tasks/99999999999999999999999"):
+        response = await client.get(path, headers=bearer(make_token(tasks="*", admin=True)))
+        await expect(response, 404, "not_found")

@@ -330,8 +330,8 @@ async def test_upstream_closing_every_connection_is_502_after_retries_plus_one(
 # 2./3. Server errors before the first byte ------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", [500, 503])
-async def test_one_server_error_then_success_is_retried_transparently(rig, code):
+@pytest.mark.parametrize("code", [500, 503, 429, 408])
+async def test_one_retryable_error_then_success_is_retried_transparently(rig, code):
     rig.proxy.script = [rig.proxy.status(code)]
     retries = _retries()
     response = await rig.get()

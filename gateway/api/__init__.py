@@ -9,4 +9,4 @@ from .tasks import get_task, import_tasks
 
 def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/api/projects/{project_id}/import", import_tasks, name="api_import")
-    app.router.add_get(r"/api/tasks/{task_id:\d+}", get_task, name="api_task")
+    app.router.add_get(r"/api/tasks/{task_id:\d{1,18}}", get_task, name="api_task")

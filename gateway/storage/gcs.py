@@ -40,6 +40,7 @@ from .credentials import AccessTokens
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _META_FIELDS = "size,generation,updated,contentType,contentEncoding"
+_RETRYABLE = frozenset({408, 429})  # and every 5xx: GCS asks clients to retry these with backoff
 
 
 def emulator_endpoint(host: str) -> str:
@@ -77,14 +78,21 @@ class GcsBackend:
         async with response:
             if response.status != 200:
                 raise _status_error(response.status, key)
-            body = await response.json()
-        return ObjectMeta(
-            size=int(body["size"]),
-            etag=f'"{body["generation"]}"',
-            last_modified=_rfc3339_seconds(body["updated"]),
-            content_type=body.get("contentType") or "application/octet-stream",
-            content_encoding=_stored_encoding(body.get("contentEncoding")),
-        )
+            try:
+                body = await response.json(content_type=None)
+                return ObjectMeta(
+                    size=int(body["size"]),
+                    etag=f'"{body["generation"]}"',
+                    last_modified=_rfc3339_seconds(body["updated"]),
+                    content_type=body.get("contentType") or "application/octet-stream",
+                    content_encoding=_stored_encoding(body.get("contentEncoding")),
+                )
+            except TimeoutError:
+                raise UpstreamTimeout("storage did not finish answering in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("storage connection failed while reading metadata") from None
+            except (ValueError, KeyError, TypeError):
+                raise StorageError("storage answered with malformed object metadata") from None
 
     async def open(self, key: str, byte_range: ByteRange | None) -> GcsReader:
         headers = {"Accept-Encoding": "gzip"}
@@ -127,24 +135,28 @@ class GcsBackend:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout):
-                    response = await self._session.get(url, headers=headers)
+                    response = await self._session.get(url, headers=headers, allow_redirects=False)
+            except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one too
+                failure: str = "connect"
             except TimeoutError:
                 metrics.UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
                 raise UpstreamTimeout("storage did not answer in time") from None
             except aiohttp.ClientError:
-                failure: str = "connect"
+                failure = "connect"
             else:
                 self._latency[operation].observe(time.perf_counter() - started)
-                if response.status < 500:
+                if response.status not in _RETRYABLE and response.status < 500:
                     return response
                 response.release()
-                failure = "5xx"
+                failure = "5xx" if response.status >= 500 else "throttled"
             metrics.UPSTREAM_ERRORS.labels(self.name, failure).inc()
             if attempt < upstream.retries:
                 self._retries.inc()
                 await asyncio.sleep(upstream.retry_backoff * 2**attempt * random.uniform(0.5, 1.5))
         raise UpstreamUnavailable(
-            "storage is unreachable" if failure == "connect" else "storage answered with a server error"
+            {"connect": "storage is unreachable", "throttled": "storage keeps throttling requests"}.get(
+                failure, "storage answered with a server error"
+            )
         )
 
 

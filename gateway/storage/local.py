@@ -83,7 +83,10 @@ class LocalReader:
         self._handle, self._chunk = handle, chunk
 
     def _read(self, offset: int, size: int) -> bytes:
-        return os.pread(self._handle.fileno(), size, offset)
+        try:
+            return os.pread(self._handle.fileno(), size, offset)
+        except OSError as exc:
+            raise UpstreamBroken(f"file read failed: {exc.strerror}") from None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         offset, end = self.first, self.last + 1
