@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="serve bundled sample media as a local bucket, print URLs and a token")
     demo.add_argument("--dir", type=Path, default=Path(".demo"), help="state directory (default .demo)")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_SERVER_PORT", "8080")))
+    demo.add_argument("--port", type=int, default=8080)
     demo.set_defaults(command=cmd_demo)
     return parser
 
@@ -235,6 +235,7 @@ def serve(settings: Settings) -> None:
     from .storage import load_access_tokens
 
     load_access_tokens(settings)  # fail on bad credentials before forking
+    asyncio.run(_prepare_registry(settings))  # the schema exists before workers race to create it
     if workers == 1:
         run_worker(settings)
         return
@@ -245,6 +246,19 @@ def serve(settings: Settings) -> None:
     finally:
         if own_metrics_dir is not None:
             shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+async def _prepare_registry(settings: Settings) -> None:
+    from .registry import open_registry
+
+    registry = open_registry(settings.registry.url)
+    try:
+        await registry.ping()
+    except Exception as exc:  # any driver error: one line naming the setting
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise ConfigError(f"[registry].url: cannot open the registry ({type(exc).__name__}: {first_line})") from None
+    finally:
+        await registry.close()
 
 
 def run_worker(settings: Settings) -> None:
@@ -260,16 +274,19 @@ def run_worker(settings: Settings) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         pass
     server = settings.server
-    logging.getLogger("gateway").info("worker %d listening on http://%s:%d", os.getpid(), server.host, server.port)
-    web.run_app(
-        create_app(settings),
-        host=server.host,
-        port=server.port,
-        reuse_port=settings.server.workers > 1,
-        shutdown_timeout=server.shutdown_timeout,
-        print=None,
-        loop=loop,
-    )
+    log = logging.getLogger("gateway")
+    try:
+        web.run_app(
+            create_app(settings),
+            host=server.host,
+            port=server.port,
+            reuse_port=settings.server.workers > 1,
+            shutdown_timeout=server.shutdown_timeout,
+            print=lambda _: log.info("worker %d listening on http://%s:%d", os.getpid(), server.host, server.port),
+            loop=loop,
+        )
+    except OSError as exc:  # cannot bind: one line, not a traceback
+        raise SystemExit(f"gateway: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

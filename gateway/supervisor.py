@@ -23,7 +23,16 @@ log = logging.getLogger("gateway.supervisor")
 _MIN_HEALTHY_SECONDS = 5.0
 
 
+_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_KILL_GRACE_SECONDS = 5.0
+
+
 def _worker_main(target: Callable[[Settings], None], settings: Settings) -> None:
+    # Forked with the supervisor's handlers installed and these signals blocked: a SIGTERM
+    # before the server installs its own handlers must stop this worker, not run `stop` here.
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     os.setpgrp()
     target(settings)
 
@@ -32,17 +41,23 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
     context = multiprocessing.get_context("fork")
     workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
     stopping = False
+    kill_at = float("inf")  # when stopping: SIGKILL whoever outlives the graceful deadline
     exit_code = 0
 
     def spawn() -> None:
-        process = context.Process(target=_worker_main, args=(target, settings), name="gateway-worker")
-        process.start()
-        workers[process.sentinel] = (process, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # `stop` must see every started worker
+        try:
+            process = context.Process(target=_worker_main, args=(target, settings), name="gateway-worker")
+            process.start()
+            workers[process.sentinel] = (process, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, kill_at
         if not stopping:
             log.info("stopping %d workers (signal %d)", len(workers), signum)
+            kill_at = time.monotonic() + settings.server.shutdown_timeout + _KILL_GRACE_SECONDS
         stopping = True
         for process, _ in workers.values():
             if process.pid is not None:
@@ -53,13 +68,21 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
     for _ in range(settings.server.workers):
         spawn()
     while workers:
-        for sentinel in wait(list(workers)):
+        remaining = kill_at - time.monotonic()
+        if remaining <= 0:
+            for process, _ in workers.values():
+                log.error("worker %s outlived the shutdown deadline; killing it", process.pid)
+                process.kill()
+            exit_code, kill_at = 1, float("inf")
+        # Bounded, so a deadline set by a signal handler during the wait is noticed.
+        for sentinel in wait(list(workers), timeout=min(max(remaining, 0.0), 1.0)):
             process, started = workers.pop(sentinel)
             process.join()
             if process.pid is not None:
                 mark_process_dead(process.pid)
             if stopping:
-                exit_code = exit_code or (1 if process.exitcode else 0)
+                if process.exitcode not in (0, -signal.SIGTERM):
+                    exit_code = 1
                 continue
             if time.monotonic() - started < _MIN_HEALTHY_SECONDS:
                 log.error("worker %s exited with %s right after start; stopping", process.pid, process.exitcode)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jwt
 import pytest
@@ -111,3 +115,22 @@ async def test_demo_is_idempotent_and_its_printed_urls_work(tmp_path, aiohttp_cl
         response = await client.get(url)  # token in the query string, as a browser would send it
         assert response.status == 200, url
         assert int(response.headers["Content-Length"]) > 1000
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_start_up_failures_are_one_line(tmp_path):
+    config = write_config(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_cli("serve", "--config", config, "--port", str(busy.getsockname()[1]))
+    assert result.returncode != 0
+    assert "cannot listen on 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text(Path(config).read_text().replace(str(tmp_path / "r.db"), str(tmp_path / "missing" / "r.db")))
+    result = run_cli("serve", "--config", str(broken))
+    assert result.returncode == 2
+    assert "[registry].url: cannot open the registry" in result.stderr and "Traceback" not in result.stderr

@@ -111,6 +111,8 @@ class SqlTaskRegistry:
         return {**row.task, "id": task_id, "project": row.project}
 
     async def ping(self) -> None:
+        """Reachable, with the schema in place (created on first use)."""
+        await self._ensure_schema()
         async with self._engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
