@@ -30,7 +30,7 @@ access_log = logging.getLogger("gateway.access")
 
 
 MEDIA_ROUTES = frozenset({"task_resolve", "project_resolve"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _BEARER_REALM = 'Bearer realm="media-gateway"'
 
 
@@ -112,7 +112,7 @@ async def gateway_middleware(
     every request of the hot path.
     """
     incoming = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = incoming if _REQUEST_ID.match(incoming) else os.urandom(8).hex()
+    request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex()
     request[STARTED] = time.perf_counter()
     try:
         return await handler(request)
@@ -174,8 +174,9 @@ async def readyz(request: web.Request) -> web.Response:
             try:
                 await backend.check()
                 checks[f"storage:{storage_id}"] = "ok"
-            except Exception as exc:
-                checks[f"storage:{storage_id}"] = f"error: {exc}"
+            except Exception as exc:  # detail to the log; the unauthenticated probe gets the kind
+                log.warning("readiness: storage %s: %s", storage_id, exc)
+                checks[f"storage:{storage_id}"] = f"error: {getattr(exc, 'reason', type(exc).__name__)}"
         cache.update(checks=checks, until=now + 5)
     checks = cache["checks"]
     ready = all(v == "ok" for v in checks.values())

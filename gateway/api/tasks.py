@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from ..state import REGISTRY, SETTINGS, SUB, VERIFIER
 
 
 async def require_admin(request: web.Request) -> Claims:
+    """Admin tokens come only in the Authorization header: never cookies (CSRF) or URLs (logs)."""
     token = token_from(request.app[SETTINGS].auth, request.headers, {}, {})
     if token is None:
         raise unauthorized("missing_token", "the management API needs an admin bearer token")
@@ -28,8 +30,10 @@ async def import_tasks(request: web.Request) -> web.Response:
     project = request.match_info["project_id"]
     if not request.app[SETTINGS].storages_of(project):
         raise Refused(404, "unknown_project", f"project {project} has no configured storage")
+    body = await request.read()
     try:
-        payload = json.loads(await request.read())
+        # Large imports are parsed off the event loop so streams on this worker keep flowing.
+        payload = json.loads(body) if len(body) < 1024**2 else await asyncio.to_thread(json.loads, body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise Refused(400, "bad_json", "the body is not valid JSON") from None
     items = payload if isinstance(payload, list) else [payload]

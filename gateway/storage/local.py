@@ -1,7 +1,9 @@
 """A local directory served as a bucket: the demo's default and a fast test double of GCS.
 
 Keys map to paths below `root`; a key that resolves outside it (symlinks included) does not
-exist. Reads happen in the default thread pool, one chunk at a time, so memory stays constant.
+exist. (The resolve-then-open check is not atomic against someone swapping symlinks inside
+`root` concurrently: the local backend serves directories the operator controls.) Reads happen
+in the default thread pool, one chunk at a time, so memory stays constant.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -32,17 +35,23 @@ class LocalBackend:
 
     def _path(self, key: str) -> Path:
         path = (self._root / key).resolve()
-        if not path.is_relative_to(self._root) or not path.is_file():
+        if not path.is_relative_to(self._root):
             raise ObjectNotFound(key)
         return path
 
-    def _stat(self, key: str) -> tuple[Path, ObjectMeta]:
+    def _open(self, key: str) -> tuple[BinaryIO, ObjectMeta]:
+        """Open first, then describe the open file: the metadata is that of the bytes served."""
         try:
-            path = self._path(key)
-            st = path.stat()
+            handle = self._path(key).open("rb")
         except (OSError, ValueError):
             raise ObjectNotFound(key) from None
-        content_type, encoding = mimetypes.guess_type(path.name)
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            handle.close()
+            raise ObjectNotFound(key)
+        content_type, encoding = mimetypes.guess_type(key.rsplit("/", 1)[-1])
+        if encoding not in (None, "gzip", "br"):  # bzip2, xz …: no HTTP content coding exists
+            content_type, encoding = "application/octet-stream", None
         meta = ObjectMeta(
             size=st.st_size,
             etag=f'"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"',
@@ -50,23 +59,25 @@ class LocalBackend:
             content_type=content_type or "application/octet-stream",
             content_encoding=encoding,
         )
-        return path, meta
+        return handle, meta
+
+    def _stat(self, key: str) -> ObjectMeta:
+        handle, meta = self._open(key)
+        handle.close()
+        return meta
 
     async def stat(self, key: str) -> ObjectMeta:
-        return (await asyncio.to_thread(self._stat, key))[1]
+        return await asyncio.to_thread(self._stat, key)
 
     async def open(self, key: str, byte_range: ByteRange | None) -> LocalReader:
-        path, meta = await asyncio.to_thread(self._stat, key)
+        handle, meta = await asyncio.to_thread(self._open, key)
         first, last = 0, meta.size - 1
         if byte_range is not None:
             span = byte_range.resolve(meta.size)
             if span is None:
+                handle.close()
                 raise RangeNotSatisfiable(key)
             first, last = span
-        try:
-            handle = await asyncio.to_thread(path.open, "rb")
-        except OSError:
-            raise ObjectNotFound(key) from None
         return LocalReader(meta, handle, first, last, byte_range is not None, self._chunk_size)
 
     async def check(self) -> None:
