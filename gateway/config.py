@@ -337,43 +337,39 @@ def validate(settings: Settings) -> None:
         path = getattr(auth, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"[auth].{name}: {path!r} is not a readable file")
-    if auth.leeway < 0:
-        raise ConfigError(f"[auth].leeway: expected 0 or more seconds, got {auth.leeway}")
     if not (auth.header or auth.cookie or auth.query_param):
         raise ConfigError("[auth]: every token source is switched off (header, cookie, query_param)")
     if not settings.registry.url.startswith(("sqlite", "postgresql")):
-        raise ConfigError(f"[registry].url: expected a sqlite:// or postgresql:// URL, got {settings.registry.url!r}")
-    for where, value in (
-        ("[auth].token_cache_size", auth.token_cache_size),
-        ("[registry].task_cache_size", settings.registry.task_cache_size),
-        ("[media].metadata_cache_size", settings.media.metadata_cache_size),
-        ("[upstream].pool_size", settings.upstream.pool_size),
+        scheme = settings.registry.url.partition(":")[0]  # never the rest: it may hold a password
+        raise ConfigError(f"[registry].url: expected a sqlite:// or postgresql:// URL, got a {scheme!r} URL")
+    media, registry, upstream = settings.media, settings.registry, settings.upstream
+    for where, value, minimum in (
+        ("[auth].token_cache_size", auth.token_cache_size, 1),
+        ("[registry].task_cache_size", registry.task_cache_size, 1),
+        ("[media].metadata_cache_size", media.metadata_cache_size, 1),
+        ("[upstream].pool_size", upstream.pool_size, 1),
+        ("[auth].leeway", auth.leeway, 0),
+        ("[auth].jwks_cooldown", auth.jwks_cooldown, 0),
+        ("[server].shutdown_timeout", server.shutdown_timeout, 0),
+        ("[media].cache_control_max_age", media.cache_control_max_age, 0),
+        ("[media].metadata_ttl", media.metadata_ttl, 0),
+        ("[registry].task_cache_ttl", registry.task_cache_ttl, 0),
+        ("[upstream].retry_backoff", upstream.retry_backoff, 0),
+        ("[upstream].retries", upstream.retries, 0),
     ):
-        if value < 1:
-            raise ConfigError(f"{where}: expected at least 1, got {value}")
-    for where, number in (
-        ("[server].shutdown_timeout", server.shutdown_timeout),
-        ("[media].cache_control_max_age", settings.media.cache_control_max_age),
-        ("[media].metadata_ttl", settings.media.metadata_ttl),
-        ("[registry].task_cache_ttl", settings.registry.task_cache_ttl),
-        ("[upstream].retry_backoff", settings.upstream.retry_backoff),
-        ("[auth].jwks_cooldown", auth.jwks_cooldown),
+        if value < minimum:
+            raise ConfigError(f"{where}: expected {minimum} or more, got {value}")
+    for where, seconds in (
+        ("[upstream].connect_timeout", upstream.connect_timeout),
+        ("[upstream].first_byte_timeout", upstream.first_byte_timeout),
+        ("[upstream].idle_timeout", upstream.idle_timeout),
     ):
-        if number < 0:
-            raise ConfigError(f"{where}: expected 0 or more, got {number}")
-    for where, number in (
-        ("[upstream].connect_timeout", settings.upstream.connect_timeout),
-        ("[upstream].first_byte_timeout", settings.upstream.first_byte_timeout),
-        ("[upstream].idle_timeout", settings.upstream.idle_timeout),
-    ):
-        if number <= 0:
-            raise ConfigError(f"{where}: expected more than 0 seconds, got {number}")
+        if seconds <= 0:
+            raise ConfigError(f"{where}: expected more than 0 seconds, got {seconds}")
     if settings.media.chunk_size < 4096:
         raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
     if settings.upstream.buffer_size < 4096:
         raise ConfigError("[upstream].buffer_size: expected at least 4096 bytes")
-    if settings.upstream.retries < 0:
-        raise ConfigError("[upstream].retries: expected 0 or more")
     for origin in settings.cors.origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")
