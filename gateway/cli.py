@@ -255,7 +255,7 @@ async def _prepare_registry(settings: Settings) -> None:
     try:
         await registry.ping()
     except Exception as exc:  # any driver error: one line naming the setting
-        first_line = (str(exc).splitlines() or [""])[0][:200]
+        first_line = re.sub(r"://[^@/\s]*@", "://***@", (str(exc).splitlines() or [""])[0][:200])  # no passwords
         raise ConfigError(f"[registry].url: cannot open the registry ({type(exc).__name__}: {first_line})") from None
     finally:
         await registry.close()
