@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -216,8 +217,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None
     }
     if overrides:
-        import dataclasses
-
         settings = dataclasses.replace(settings, server=dataclasses.replace(server, **overrides))
         validate(settings)
     serve(settings)
