@@ -139,6 +139,9 @@ async def gateway_middleware(
             raise
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
         return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason, headers)
+    except ConnectionError:  # the client left before the answer: nothing to send, nothing to log
+        request[ERROR] = "client_disconnected"
+        return web.Response(status=499)  # "client closed request", as nginx logs it
     except Exception:
         if request.writer.output_size > 0:
             raise  # headers are out: aiohttp closes the connection

@@ -227,11 +227,12 @@ class MediaHandler:
         try:
             response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
             response.content_length = plan.length
-            await response.prepare(request)
             metrics.ACTIVE_STREAMS.inc()
             try:
+                await response.prepare(request)
                 async for chunk in reader.chunks():
                     await response.write(chunk)
+                await response.write_eof()
             except ConnectionError:  # the client went away (reset, or lost while paused for it)
                 return response  # the finally below drops the upstream connection
             except StorageError as exc:
@@ -245,7 +246,6 @@ class MediaHandler:
                 return response
             finally:
                 metrics.ACTIVE_STREAMS.dec()
-            await response.write_eof()
             return response
         finally:
             reader.close()

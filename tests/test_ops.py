@@ -33,3 +33,28 @@ async def test_ready_when_everything_is_reachable(tmp_path, aiohttp_client, emul
     assert metrics.headers["Content-Type"].startswith("text/plain")
     text = await metrics.text()
     assert 'gateway_requests_total{mode="none",route="readyz",status="2xx"}' in text
+
+
+async def test_middleware_maps_client_disconnects_and_unexpected_errors(aiohttp_client, caplog):
+    from aiohttp import web
+
+    from gateway.app import gateway_middleware
+
+    async def gone(_request):
+        raise ConnectionResetError("client went away")
+
+    async def broken(_request):
+        raise RuntimeError("a bug")
+
+    app = web.Application(middlewares=[gateway_middleware])
+    app.router.add_get("/gone", gone)
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    with caplog.at_level("ERROR"):
+        assert (await client.get("/gone")).status == 499  # logged as nginx does, never as a server error
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        response = await client.get("/broken", headers={"X-Request-ID": "req-7"})
+        assert response.status == 500
+        body = await response.json()
+        assert body["error"] == "internal_error" and "req-7" in body["message"]
+        assert any("req-7" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
