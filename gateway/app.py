@@ -21,8 +21,23 @@ from .cors import add_cors
 from .errors import Refused
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, TaskRegistry, open_registry
-from .state import BACKENDS, ERROR, READINESS, REGISTRY, REQUEST_ID, SETTINGS, STARTED, SUB, TASK, VERIFIER
-from .storage import Backend, StorageError, build_backends, client_session
+from .signer import build_signer, resolve_identity
+from .state import (
+    BACKENDS,
+    ERROR,
+    MODE,
+    READINESS,
+    REGISTRY,
+    REQUEST_ID,
+    SETTINGS,
+    SIGNERS,
+    STARTED,
+    SUB,
+    TASK,
+    VERIFIER,
+)
+from .storage import Backend, StorageError, build_backends, client_session, load_storage_credentials
+from .storage.credentials import AccessTokens
 from .uris import BadFileUri
 
 log = logging.getLogger("gateway")
@@ -50,7 +65,8 @@ def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.
 
     backends: dict[str, Backend] = {}  # filled at start-up, when the upstream session exists
     app[BACKENDS] = backends
-    media = MediaHandler(settings, app[VERIFIER], TaskCache(app[REGISTRY], settings.registry), backends)
+    app[SIGNERS] = {}
+    media = MediaHandler(settings, app[VERIFIER], TaskCache(app[REGISTRY], settings.registry), backends, app[SIGNERS])
     for name, path, handler in (
         ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
@@ -71,7 +87,15 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
     settings = app[SETTINGS]
     needs_session = any(s.type == "gcs" for s in settings.storages)
     session = client_session(settings) if needs_session else None
-    app[BACKENDS].update(build_backends(settings, session))
+    credentials = load_storage_credentials(settings)
+    app[BACKENDS].update(build_backends(settings, session, credentials))
+    for storage in settings.storages:
+        if storage.presign:
+            assert session is not None
+            tokens = AccessTokens(credentials[storage.id])
+            signer = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint, tokens)
+            await resolve_identity(signer, credentials[storage.id], tokens)
+            app[SIGNERS][storage.id] = signer
     yield
     for backend in app[BACKENDS].values():
         await backend.close()
@@ -198,7 +222,7 @@ class RequestRecorder(AbstractAccessLogger):
 
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
-        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -208,10 +232,10 @@ class RequestRecorder(AbstractAccessLogger):
         started = request.get(STARTED)
         seconds = time.perf_counter() - started if started is not None else loop_seconds
         route = route_name(request)
-        key = (route, response.status)
+        mode = request.get(MODE) or ("proxy" if route in MEDIA_ROUTES else "none")
+        key = (route, mode, response.status)
         children = self._children.get(key)
         if children is None:
-            mode = "proxy" if route in MEDIA_ROUTES else "none"
             children = (
                 metrics.REQUESTS.labels(route, mode, metrics.status_class(response.status)),
                 metrics.RESPONSE_BYTES.labels(route),

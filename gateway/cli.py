@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     check.set_defaults(command=cmd_check_config)
 
+    cors = with_config(sub.add_parser("cors-config", help="print the bucket CORS JSON that presign storages need"))
+    cors.add_argument("--origin", action="append", default=[], help="annotator page origin (default: [cors] origins)")
+    cors.set_defaults(command=cmd_cors_config)
+
     load = with_config(sub.add_parser("import", help="register Label Studio tasks from JSON/JSONL files"))
     load.add_argument("--project", required=True)
     load.add_argument("files", nargs="+", type=Path)
@@ -140,13 +144,45 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    from .storage import load_access_tokens
+    from .storage import load_storage_credentials
 
-    load_access_tokens(settings)  # a missing or malformed key file fails here
+    load_storage_credentials(settings)  # a missing or malformed key file fails here
     print(
         f"config OK: {settings.source}: {len(settings.storages)} storage(s), "
         f"projects {sorted({s.project for s in settings.storages})}"
     )
+    return 0
+
+
+def bucket_cors(origins: list[str]) -> list[dict[str, Any]]:
+    """GCS bucket CORS for browsers that follow signed-URL redirects (GET with ranges, readable headers)."""
+    return [
+        {
+            "origin": origins,
+            "method": ["GET", "HEAD"],
+            "responseHeader": [
+                "Content-Type",
+                "Content-Length",
+                "Content-Range",
+                "Accept-Ranges",
+                "ETag",
+                "Access-Control-Allow-Origin",
+            ],
+            "maxAgeSeconds": 3600,
+        }
+    ]
+
+
+def cmd_cors_config(args: argparse.Namespace) -> int:
+    origins = args.origin
+    if not origins:
+        origins = list(_settings(args).cors.origins) if args.config else []
+    if not origins or "*" in origins:
+        raise CliError("--origin: name the annotator page origins (e.g. https://label-studio.example), not '*'")
+    for origin in origins:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise CliError(f"--origin: {origin!r} is not an origin like https://host[:port]")
+    print(json.dumps(bucket_cors(origins), indent=2))
     return 0
 
 
@@ -231,9 +267,9 @@ def serve(settings: Settings) -> None:
         own_metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
     configure_logging()
-    from .storage import load_access_tokens
+    from .storage import load_storage_credentials
 
-    load_access_tokens(settings)  # fail on bad credentials before forking
+    load_storage_credentials(settings)  # fail on bad credentials before forking
     asyncio.run(_prepare_registry(settings))  # the schema exists before workers race to create it
     if workers == 1:
         run_worker(settings)

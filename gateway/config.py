@@ -92,6 +92,8 @@ class UpstreamSettings:
     retry_backoff: float = 0.1
     pool_size: int = 256
     buffer_size: int = 64 * 1024  # bytes read ahead per stream before reading from GCS pauses
+    iam_endpoint: str = "https://iamcredentials.googleapis.com"  # signBlob, for keyless presign identities
+    signed_url_cache_size: int = 10000
 
 
 @dataclass(frozen=True)
@@ -295,8 +297,8 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
         raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
     if s.prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: must not start with '/'")
-    if s.presign:
-        raise ConfigError(f"{where}.presign: signed-URL redirects are not available in this version; use false")
+    if s.presign and s.type != "gcs":
+        raise ConfigError(f"{where}.presign: signed URLs need type 'gcs'")
     if not 1 <= s.presign_ttl <= 10080:
         raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
     if s.type == "local":
@@ -348,6 +350,7 @@ def validate(settings: Settings) -> None:
         ("[registry].task_cache_size", registry.task_cache_size, 1),
         ("[media].metadata_cache_size", media.metadata_cache_size, 1),
         ("[upstream].pool_size", upstream.pool_size, 1),
+        ("[upstream].signed_url_cache_size", upstream.signed_url_cache_size, 1),
         ("[auth].leeway", auth.leeway, 0),
         ("[auth].jwks_cooldown", auth.jwks_cooldown, 0),
         ("[server].shutdown_timeout", server.shutdown_timeout, 0),

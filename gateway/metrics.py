@@ -50,8 +50,17 @@ UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures", 
 METADATA_CACHE = Counter("gateway_metadata_cache_total", "Object metadata cache lookups", ["result"])
 AUTH_FAILURES = Counter("gateway_auth_failures_total", "Refused media requests", ["reason"])
 
+SIGNED_URLS = Counter("gateway_signed_urls_total", "V4 signed URLs issued", ["method"])
+SIGNED_URL_CACHE = Counter("gateway_signed_url_cache_total", "Signed-URL cache lookups", ["result"])
+SIGNING_SECONDS = Histogram(
+    "gateway_signing_duration_seconds", "Time to sign a URL", ["method"], buckets=_LATENCY_BUCKETS
+)
+SIGNING_FAILURES = Counter("gateway_signing_failures_total", "Signing failures", ["reason"])
+
 METADATA_HIT = METADATA_CACHE.labels("hit")
 METADATA_MISS = METADATA_CACHE.labels("miss")
+SIGNED_CACHE_HIT = SIGNED_URL_CACHE.labels("hit")
+SIGNED_CACHE_MISS = SIGNED_URL_CACHE.labels("miss")
 
 
 def status_class(status: int) -> str:

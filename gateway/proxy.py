@@ -9,7 +9,10 @@ request because the media response carries the metadata itself.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -28,8 +31,9 @@ from .httpsem import (
     parse_range,
     plan_response,
 )
-from .state import ERROR, SUB, TASK
-from .storage import Backend, ObjectMeta, ObjectReader
+from .signer import SignedUrlCache, Signer, SigningError, sign_url
+from .state import ERROR, MODE, SUB, TASK
+from .storage import Backend, ObjectMeta, ObjectReader, storage_endpoint
 from .storage.base import ObjectNotFound, RangeNotSatisfiable, StorageError
 from .uris import GsUri, parse_fileuri
 
@@ -66,8 +70,12 @@ class MediaHandler:
         verifier: TokenVerifier,
         tasks: TaskCache,
         backends: dict[str, Backend],
+        signers: dict[str, Signer],
     ) -> None:
         self._settings = settings
+        self._signers = signers
+        self._signed = SignedUrlCache(settings.upstream.signed_url_cache_size)
+        self._signed_endpoint = storage_endpoint(dict(os.environ))
         self._verifier = verifier
         self._tasks = tasks
         self._backends = backends
@@ -110,6 +118,8 @@ class MediaHandler:
     async def _serve(self, request: web.Request, storage: StorageSettings, uri: GsUri) -> web.StreamResponse:
         backend = self._backends[storage.id]
         cache_key = (storage.id, uri.key)
+        if storage.presign:
+            return await self._redirect(request, storage, uri, backend, cache_key)
         headers = request.headers
         entry = self._entries.get(cache_key)
         if entry is not None:
@@ -142,6 +152,56 @@ class MediaHandler:
             reader.close()
             entry = self._remember(cache_key, uri, reader.meta)
         raise Refused(503, "object_changing", "the object changed while it was being read; retry")
+
+    async def _redirect(
+        self, request: web.Request, storage: StorageSettings, uri: GsUri, backend: Backend, cache_key: tuple[str, str]
+    ) -> web.Response:
+        """303 to a cached V4 signed URL; the browser then downloads straight from GCS.
+
+        The object's generation is part of the cache key, so an overwritten object gets a new URL;
+        the redirect may be cached only while the URL keeps more than the safety margin of life.
+        """
+        request[MODE] = "presign"
+        entry = self._entries.get(cache_key)
+        if entry is None:
+            metrics.METADATA_MISS.inc()
+            entry = self._remember(cache_key, uri, await backend.stat(uri.key))
+        else:
+            metrics.METADATA_HIT.inc()
+        overrides = {}
+        if request.query.get("download") in ("1", "true"):
+            overrides["response-content-disposition"] = entry.attachment
+        ttl = storage.presign_ttl * 60
+        signer = self._signers[storage.id]
+
+        async def sign(now: float) -> str:
+            started = time.perf_counter()
+            try:
+                url = await sign_url(
+                    signer,
+                    endpoint=self._signed_endpoint,
+                    bucket=uri.bucket,
+                    key=uri.key,
+                    ttl_seconds=ttl,
+                    now=datetime.datetime.fromtimestamp(now, datetime.UTC),
+                    query=overrides,
+                )
+            except SigningError as exc:
+                metrics.SIGNING_FAILURES.labels(exc.reason).inc()
+                raise Refused(503, f"signing_{exc.reason}", str(exc)) from None
+            metrics.SIGNING_SECONDS.labels(signer.method).observe(time.perf_counter() - started)
+            metrics.SIGNED_URLS.labels(signer.method).inc()
+            return url
+
+        key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
+        url, expires_at, hit = await self._signed.get(key, ttl, sign)
+        (metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS).inc()
+        max_age = max(0, int(expires_at - time.time() - SignedUrlCache.margin(ttl)))
+        return web.Response(
+            status=303,
+            text="See Other\n",
+            headers={"Location": url, "Cache-Control": f"private, max-age={max_age}", "Referrer-Policy": "no-referrer"},
+        )
 
     async def _optimistic_get(
         self,

@@ -112,6 +112,8 @@ def emulator() -> Iterator[Emulator]:
             "127.0.0.1",
             "-port",
             str(port),
+            "-public-host",  # so path-style object URLs (signed URLs) resolve on the emulator
+            f"127.0.0.1:{port}",
             "-log-level",
             "error",
         ],

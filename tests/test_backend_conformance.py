@@ -24,7 +24,7 @@ async def backend(request, tmp_path):
     settings = build_settings([storage], tmp_path)
     session = client_session(settings) if emulator else None
     env = {"STORAGE_EMULATOR_HOST": emulator.host} if emulator else {}
-    yield build_backends(settings, session, env)[storage["id"]]
+    yield build_backends(settings, session, {}, env)[storage["id"]]
     if session is not None:
         await session.close()
 

@@ -134,3 +134,19 @@ def test_serve_start_up_failures_are_one_line(tmp_path):
     result = run_cli("serve", "--config", str(broken))
     assert result.returncode == 2
     assert "[registry].url: cannot open the registry" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cors_config_for_presign_buckets(tmp_path, capsys):
+    assert main(["cors-config", "--origin", "https://ls.example.com", "--origin", "http://localhost:8080"]) == 0
+    (rule,) = json.loads(capsys.readouterr().out)
+    assert rule["origin"] == ["https://ls.example.com", "http://localhost:8080"]
+    assert rule["method"] == ["GET", "HEAD"] and rule["maxAgeSeconds"] == 3600
+    assert {"Content-Type", "Access-Control-Allow-Origin", "Content-Range"} <= set(rule["responseHeader"])
+    config = write_config(tmp_path, extra="")
+    text = Path(config).read_text().replace("[registry]", '[cors]\norigins = ["https://from.config"]\n[registry]')
+    Path(config).write_text(text)
+    assert main(["cors-config", "--config", config]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["origin"] == ["https://from.config"]
+    for bad in (["--origin", "*"], ["--origin", "ls.example.com"], []):
+        assert main(["cors-config", *bad]) == 2
+        assert "--origin" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from google.auth import external_account
 from google.oauth2 import service_account
 
 from gateway.config import ConfigError
-from gateway.storage import client_session, load_access_tokens
+from gateway.storage import client_session, load_storage_credentials
 from gateway.storage.credentials import AccessTokens, CredentialsError, load_credentials
 from gateway.storage.gcs import GcsBackend
 
@@ -84,7 +84,7 @@ def test_errors_name_the_storage_and_never_echo_the_key(tmp_path):
         tmp_path,
     )
     with pytest.raises(ConfigError) as caught:
-        load_access_tokens(settings, env={})
+        load_storage_credentials(settings, env={})
     message = str(caught.value)
     assert "id='s1'" in message and "google_application_credentials" in message
     assert "PRIVATE KEY" not in message and secret_material["private_key_id"] not in message
@@ -93,7 +93,7 @@ def test_errors_name_the_storage_and_never_echo_the_key(tmp_path):
         load_credentials("{not json")
     with pytest.raises(CredentialsError):
         load_credentials(str(tmp_path / "missing.json"))
-    assert load_access_tokens(settings, env={"STORAGE_EMULATOR_HOST": "127.0.0.1:1"}) == {"s1": None}
+    assert load_storage_credentials(settings, env={"STORAGE_EMULATOR_HOST": "127.0.0.1:1"}) == {}
 
 
 class CountingCredentials:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import aiohttp
 
@@ -19,7 +20,8 @@ __all__ = [
     "StorageError",
     "build_backends",
     "client_session",
-    "load_access_tokens",
+    "load_storage_credentials",
+    "storage_endpoint",
 ]
 
 
@@ -38,12 +40,15 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 def build_backends(
-    settings: Settings, session: aiohttp.ClientSession | None, env: dict[str, str] | None = None
+    settings: Settings,
+    session: aiohttp.ClientSession | None,
+    credentials: dict[str, Any],
+    env: dict[str, str] | None = None,
 ) -> dict[str, Backend]:
-    """One backend per storage id."""
+    """One backend per storage id; `credentials` from `load_storage_credentials`."""
     env = dict(os.environ if env is None else env)
-    tokens = load_access_tokens(settings, env)
-    endpoint = emulator_endpoint(env["STORAGE_EMULATOR_HOST"]) if env.get("STORAGE_EMULATOR_HOST") else PUBLIC_ENDPOINT
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    endpoint = storage_endpoint(env)
     backends: dict[str, Backend] = {}
     for storage in settings.storages:
         if storage.type == "local":
@@ -51,24 +56,31 @@ def build_backends(
             backends[storage.id] = LocalBackend(storage.root, settings.media.chunk_size)
         else:
             assert session is not None, "gcs storages need the upstream session"
-            backends[storage.id] = GcsBackend(session, endpoint, storage.bucket, tokens[storage.id], settings.upstream)
+            tokens = None if emulator else AccessTokens(credentials[storage.id])
+            backends[storage.id] = GcsBackend(session, endpoint, storage.bucket, tokens, settings.upstream)
     return backends
 
 
-def load_access_tokens(settings: Settings, env: dict[str, str] | None = None) -> dict[str, AccessTokens | None]:
+def storage_endpoint(env: dict[str, str]) -> str:
+    """Where GCS is: the public endpoint, or STORAGE_EMULATOR_HOST as Google's libraries read it."""
+    emulator = env.get("STORAGE_EMULATOR_HOST")
+    return emulator_endpoint(emulator) if emulator else PUBLIC_ENDPOINT
+
+
+def load_storage_credentials(settings: Settings, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Credentials of every gcs storage, loaded once so a bad key fails at start-up, not per request.
 
-    With STORAGE_EMULATOR_HOST set no credentials are needed (None).
+    With STORAGE_EMULATOR_HOST set the API needs none, but a presign storage still needs an
+    identity to sign with.
     """
     env = dict(os.environ if env is None else env)
-    tokens: dict[str, AccessTokens | None] = {}
+    emulator = bool(env.get("STORAGE_EMULATOR_HOST"))
+    loaded: dict[str, Any] = {}
     for storage in settings.storages:
-        if storage.type != "gcs" or env.get("STORAGE_EMULATOR_HOST"):
-            tokens[storage.id] = None
+        if storage.type != "gcs" or (emulator and not storage.presign):
             continue
         try:
-            credentials = load_credentials(storage.google_application_credentials, storage.google_project_id)
+            loaded[storage.id] = load_credentials(storage.google_application_credentials, storage.google_project_id)
         except CredentialsError as exc:
             raise ConfigError(f"[[storages]] id={storage.id!r}.google_application_credentials: {exc}") from None
-        tokens[storage.id] = AccessTokens(credentials)
-    return tokens
+    return loaded

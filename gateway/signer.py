@@ -1,0 +1,186 @@
+"""V4 signed URLs (GOOG4-RSA-SHA256) for presign storages, and the cache that makes them rare.
+
+Two ways to sign the same string: a service-account key held locally, or — for credentials that
+hold no key (ADC on GCE/GKE, workload identity federation, impersonation) — the IAM Credentials
+`signBlob` API with the credential's own access token. Either way the signature is computed off
+the event loop, and `SignedUrlCache` lets concurrent requests for one object share one signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import google.auth.exceptions
+
+MAX_TTL_SECONDS = 7 * 24 * 3600  # the V4 maximum
+IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
+
+
+class SigningError(Exception):
+    """Signing failed; `reason` is a stable code (answered as 503)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Signer(Protocol):
+    method: str  # "local" or "signblob": the metrics label
+    email: str
+
+    async def sign(self, payload: bytes) -> bytes: ...
+
+
+class LocalKeySigner:
+    method = "local"
+
+    def __init__(self, credentials: Any) -> None:
+        self._credentials = credentials
+        self.email: str = credentials.service_account_email
+
+    async def sign(self, payload: bytes) -> bytes:
+        return await asyncio.to_thread(self._credentials.sign_bytes, payload)
+
+
+class IamSigner:
+    method = "signblob"
+
+    def __init__(self, session: aiohttp.ClientSession, tokens: Any, email: str, endpoint: str = IAM_ENDPOINT) -> None:
+        self._session, self._tokens, self.email = session, tokens, email
+        self._url = f"{endpoint.rstrip('/')}/v1/projects/-/serviceAccounts/{quote(email, safe='@.')}:signBlob"
+
+    async def sign(self, payload: bytes) -> bytes:
+        headers: dict[str, str] = {}
+        try:
+            await self._tokens.apply(headers)
+        except google.auth.exceptions.GoogleAuthError:
+            raise SigningError("unavailable", "no access token for signBlob could be obtained") from None
+        body = {"payload": base64.b64encode(payload).decode("ascii")}
+        try:
+            async with self._session.post(self._url, json=body, headers=headers) as response:
+                if response.status == 403:
+                    raise SigningError(
+                        "permission_denied",
+                        f"signBlob refused: {self.email} needs the Service Account Token Creator role",
+                    )
+                if response.status == 429:
+                    raise SigningError("quota_exceeded", "signBlob quota exceeded")
+                if response.status != 200:
+                    raise SigningError("unavailable", f"signBlob answered {response.status}")
+                answer = await response.json(content_type=None)
+            signature = base64.b64decode(answer["signedBlob"], validate=True)
+            if not signature:
+                raise ValueError("empty signature")
+            return signature
+        except (aiohttp.ClientError, TimeoutError):
+            raise SigningError("unavailable", "signBlob cannot be reached") from None
+        except (ValueError, KeyError, TypeError):
+            raise SigningError("bad_response", "signBlob answered without a signature") from None
+
+
+async def sign_url(
+    signer: Signer,
+    *,
+    endpoint: str,
+    bucket: str,
+    key: str,
+    ttl_seconds: int,
+    now: datetime.datetime,
+    query: dict[str, str] | None = None,
+) -> str:
+    """A V4 signed GET URL for `gs://bucket/key`, valid `ttl_seconds` from `now`."""
+    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValueError(f"ttl_seconds must be 1..{MAX_TTL_SECONDS}, got {ttl_seconds}")
+    parts = urlsplit(endpoint)
+    host = parts.netloc
+    stamp = now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    scope = f"{stamp[:8]}/auto/storage/goog4_request"
+    params = {
+        "X-Goog-Algorithm": "GOOG4-RSA-SHA256",
+        "X-Goog-Credential": f"{signer.email}/{scope}",
+        "X-Goog-Date": stamp,
+        "X-Goog-Expires": str(ttl_seconds),
+        "X-Goog-SignedHeaders": "host",
+        **(query or {}),
+    }
+    canonical_query = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in sorted(params.items()))
+    path = f"/{bucket}/{quote(key, safe='/~')}"
+    canonical_request = "\n".join(["GET", path, canonical_query, f"host:{host}\n", "host", "UNSIGNED-PAYLOAD"])
+    string_to_sign = "\n".join(
+        ["GOOG4-RSA-SHA256", stamp, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
+    )
+    signature = await signer.sign(string_to_sign.encode())
+    return f"{parts.scheme}://{host}{path}?{canonical_query}&X-Goog-Signature={signature.hex()}"
+
+
+class SignedUrlCache:
+    """Signed URLs reused until less than a safety margin of their life is left.
+
+    A URL with less than `margin(ttl)` left is never handed out, so a browser that follows it (or
+    caches the redirect for at most the remaining life minus the margin) never meets an expired
+    one. Concurrent misses for one key share a single signing call.
+    """
+
+    def __init__(self, maxsize: int, clock: Callable[[], float] = time.time) -> None:
+        self._entries: dict[Hashable, tuple[str, float]] = {}
+        self._pending: dict[Hashable, asyncio.Future[tuple[str, float]]] = {}
+        self._maxsize = maxsize
+        self._clock = clock
+
+    @staticmethod
+    def margin(ttl_seconds: int) -> float:
+        return max(60.0, 0.1 * ttl_seconds)
+
+    async def get(
+        self, key: Hashable, ttl_seconds: int, make: Callable[[float], Awaitable[str]]
+    ) -> tuple[str, float, bool]:
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] - self._clock() >= self.margin(ttl_seconds):
+            return entry[0], entry[1], True
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._sign(key, ttl_seconds, make))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        url, expires_at = await asyncio.shield(pending)
+        return url, expires_at, False
+
+    async def _sign(
+        self, key: Hashable, ttl_seconds: int, make: Callable[[float], Awaitable[str]]
+    ) -> tuple[str, float]:
+        now = self._clock()
+        url = await make(now)
+        entries = self._entries
+        entries.pop(key, None)
+        if len(entries) >= self._maxsize:
+            del entries[next(iter(entries))]
+        entries[key] = (url, now + ttl_seconds)
+        return url, now + ttl_seconds
+
+
+def build_signer(credentials: Any, session: aiohttp.ClientSession, iam_endpoint: str, tokens: Any) -> Signer:
+    """A local-key signer for service-account keys, the signBlob API for everything else."""
+    from google.oauth2 import service_account
+
+    if isinstance(credentials, service_account.Credentials):
+        return LocalKeySigner(credentials)
+    email = getattr(credentials, "service_account_email", None) or getattr(credentials, "signer_email", None)
+    return IamSigner(session, tokens, email or "default", iam_endpoint)
+
+
+async def resolve_identity(signer: Signer, credentials: Any, tokens: Any) -> None:
+    """GCE/GKE credentials name their service account only after a first refresh."""
+    if isinstance(signer, IamSigner) and signer.email in ("", "default"):
+        await tokens.apply({})
+        email = getattr(credentials, "service_account_email", None)
+        if not email or email == "default":
+            raise SigningError("no_identity", "the credentials name no service account to sign with")
+        signer.email = email
