@@ -16,12 +16,12 @@ from aiohttp.abc import AbstractAccessLogger
 from . import metrics
 from .acl import TaskCache, TokenVerifier
 from .api import add_api_routes
-from .config import Settings
+from .config import ConfigError, Settings
 from .cors import add_cors
 from .errors import Refused
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, TaskRegistry, open_registry
-from .signer import build_signer, resolve_identity
+from .signer import SigningError, build_signer, resolve_identity
 from .state import (
     BACKENDS,
     ERROR,
@@ -94,7 +94,10 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
             assert session is not None
             tokens = AccessTokens(credentials[storage.id])
             signer = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint, tokens)
-            await resolve_identity(signer, credentials[storage.id], tokens)
+            try:
+                await resolve_identity(signer, credentials[storage.id], tokens)
+            except SigningError as exc:
+                raise ConfigError(f"[[storages]] id={storage.id!r}.presign: {exc}") from None
             app[SIGNERS][storage.id] = signer
     yield
     for backend in app[BACKENDS].values():

@@ -163,3 +163,31 @@ async def test_signing_failures_are_503_with_a_reason(presign, aiohttp_server):
     assert response.status == 503
     body = await response.json()
     assert body["error"] == "signing_permission_denied" and "Token Creator" in body["message"]
+
+
+async def test_keyless_credentials_sign_through_iam_as_their_service_account():
+    from gateway.signer import SigningError, build_signer, resolve_identity
+
+    class ComputeLike:
+        """google-auth's GCE credentials name their account only after a refresh (pure double)."""
+
+        service_account_email = "default"
+
+    class Tokens:
+        def __init__(self, credentials, email):
+            self.credentials, self.email = credentials, email
+
+        async def apply(self, headers):
+            self.credentials.service_account_email = self.email
+            headers["Authorization"] = "Bearer t"
+
+    async with aiohttp.ClientSession() as session:
+        credentials = ComputeLike()
+        signer = build_signer(credentials, session, "http://127.0.0.1:9", Tokens(credentials, "vm@p.iam"))
+        assert isinstance(signer, IamSigner) and signer.email == "default"
+        await resolve_identity(signer, credentials, Tokens(credentials, "vm@p.iam"))
+        assert signer.email == "vm@p.iam"
+        anonymous = ComputeLike()
+        nameless = build_signer(anonymous, session, "http://127.0.0.1:9", Tokens(anonymous, "default"))
+        with pytest.raises(SigningError):
+            await resolve_identity(nameless, anonymous, Tokens(anonymous, "default"))
