@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .objects import SeededObject
 from .procs import HOST
@@ -167,3 +169,62 @@ def check_small_body(
         return problems
 
     return _guarded(scenario, phase, target, "fixed small body", body)
+
+
+def check_redirect(
+    scenario: str,
+    phase: str,
+    target: str,
+    port: int,
+    path: str,
+    headers: dict[str, str],
+    obj: SeededObject,
+    storage_url: str,
+) -> tuple[Check, Fetched | None]:
+    """A signed-URL redirect: 303, a signed `Location` on the storage (`storage_url`, e.g. the
+    emulator's http://host:port) without the bearer token, a positive private max-age; following
+    the Location with a plain GET (no Authorization) returns the object's exact bytes.
+
+    Returns the check and the redirect response (None when it could not be fetched).
+    """
+    fetched: list[Fetched] = []
+
+    def body() -> list[str]:
+        got = fetch(port, path, headers)  # http.client never follows redirects
+        fetched.append(got)
+        location = got.headers.get("location", "")
+        problems = []
+        if got.status != 303:
+            problems.append(f"status {got.status}, expected 303")
+        prefix = f"{storage_url.rstrip('/')}/{obj.bucket}/"
+        if not location.startswith(prefix):
+            problems.append(f"Location {location[:120]!r} does not start with {prefix!r}")
+        if "X-Goog-Signature=" not in location:
+            problems.append("Location carries no X-Goog-Signature")
+        token = headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token and token in location:
+            problems.append("the bearer token appears in the Location")
+        cache_control = got.headers.get("cache-control", "")
+        match = re.fullmatch(r"private, max-age=(\d+)", cache_control)
+        if match is None or int(match.group(1)) <= 0:
+            problems.append(f"Cache-Control {cache_control!r}, expected 'private, max-age=N' with N > 0")
+        if problems:
+            return problems
+        parts = urlsplit(location)
+        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+            return [f"cannot follow Location {location[:120]!r} (plain http with a port expected)"]
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            connection.request("GET", f"{parts.path}?{parts.query}")
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            problems.append(f"following the Location: status {response.status}, expected 200: {data[:200]!r}")
+        elif len(data) != obj.size or hashlib.md5(data).hexdigest() != obj.md5:
+            problems.append(f"following the Location: {len(data)} bytes, md5 differs from the seeded object")
+        return problems
+
+    check = _guarded(scenario, phase, target, f"signed-URL redirect to {obj.key}", body)
+    return check, (fetched[0] if fetched else None)

@@ -1,4 +1,5 @@
-"""The benchmark's objects: a 50 MiB one kept in memory, a 2 GiB one generated block by block.
+"""The benchmark's objects: a 50 MiB one kept in memory, a 2 GiB one generated block by block,
+and a 64 KiB one in a second bucket that the gateway serves as signed-URL redirects (scenario 3).
 
 The 2 GiB object is never held whole: it is 1 MiB blocks, each a block of a small random pool
 stamped with its index, so it is uploaded from a generator and any slice (e.g. a range past
@@ -21,6 +22,9 @@ BIG_SIZE = 2048 * MiB
 BUCKET = "bench-media"
 SMALL_KEY = "bench/object-50MiB.bin"
 BIG_KEY = "bench/object-2GiB.bin"
+SIGNED_BUCKET = "bench-signed"  # the presign storage's bucket (a task's URI picks the storage by bucket)
+SIGNED_SIZE = 64 * 1024
+SIGNED_KEY = "bench/object-64KiB.bin"
 _POOL_BLOCKS = 17  # prime: neighbouring blocks differ beyond their stamp
 
 
@@ -31,6 +35,7 @@ class SeededObject:
     md5: str = ""
     sha256: str = ""
     generation: str = ""
+    bucket: str = BUCKET
     data: bytes | None = field(default=None, repr=False)  # the whole object (small one only)
     pool: list[bytes] | None = field(default=None, repr=False)  # block pool (generated one only)
 
@@ -58,6 +63,7 @@ class SeededObject:
 
     def summary(self) -> dict[str, object]:
         return {
+            "bucket": self.bucket,
             "key": self.key,
             "size": self.size,
             "md5": self.md5,
@@ -75,7 +81,7 @@ def _upload(emulator: Emulator, obj: SeededObject) -> SeededObject:
             sha256.update(block)
             yield block
 
-    stored = emulator.upload(BUCKET, obj.key, obj.size, hashed())
+    stored = emulator.upload(obj.bucket, obj.key, obj.size, hashed())
     obj.md5, obj.sha256 = md5.hexdigest(), sha256.hexdigest()
     obj.generation = str(stored.get("generation", ""))
     if int(stored.get("size", -1)) != obj.size:
@@ -86,9 +92,12 @@ def _upload(emulator: Emulator, obj: SeededObject) -> SeededObject:
 
 
 def seed(emulator: Emulator, with_big: bool) -> dict[str, SeededObject]:
-    """Create the bucket and upload the objects; returns them by role ("small", "big")."""
+    """Create the buckets and upload the objects; returns them by role ("small", "big", "signed")."""
     emulator.create_bucket(BUCKET)
+    emulator.create_bucket(SIGNED_BUCKET)
     objects = {"small": _upload(emulator, SeededObject(SMALL_KEY, SMALL_SIZE, data=os.urandom(SMALL_SIZE)))}
+    signed = SeededObject(SIGNED_KEY, SIGNED_SIZE, bucket=SIGNED_BUCKET, data=os.urandom(SIGNED_SIZE))
+    objects["signed"] = _upload(emulator, signed)
     if with_big:
         pool = [os.urandom(MiB) for _ in range(_POOL_BLOCKS)]
         objects["big"] = _upload(emulator, SeededObject(BIG_KEY, BIG_SIZE, pool=pool))

@@ -214,6 +214,8 @@ class Emulator:
         self.binary = str(_server._get_binary_path())
         self.port = free_port()
         argv = [self.binary, "-scheme", "http", "-backend", "memory", "-host", HOST, "-port", str(self.port)]
+        # Path-style object URLs (/BUCKET/KEY, what a signed URL points at) resolve only on the public host.
+        argv += ["-public-host", f"{HOST}:{self.port}"]
         self.service = Service("fake-gcs-server", [*argv, "-log-level", "error"], workdir)
         wait_until(lambda: answers(self.port, "/storage/v1/b", 200), 30, "fake-gcs-server to listen", self.service)
 
@@ -262,6 +264,34 @@ class Emulator:
 # ---------------------------------------------------------------- the gateway
 
 
+def write_service_account(path: Path) -> str:
+    """A throw-away service-account key file (fresh RSA key per run) for the presign storage.
+
+    Returns its client_email. The gateway only signs with it: against the emulator no token is
+    ever requested, so token_uri is never contacted.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    email = "bench-signer@bench-project.iam.gserviceaccount.com"
+    info = {
+        "type": "service_account",
+        "project_id": "bench-project",
+        "private_key_id": os.urandom(20).hex(),
+        "private_key": pem,
+        "client_email": email,
+        "client_id": "100000000000000000001",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
+        json.dump(info, handle)
+    return email
+
+
 class Gateway:
     """`python -m gateway serve` from the working tree, with its config, task and token."""
 
@@ -270,18 +300,25 @@ class Gateway:
         workdir: Path,
         emulator: Emulator,
         bucket: str,
-        keys: list[str],
+        signed_bucket: str,
+        uris: list[str],
         *,
         workers: int,
         access_log: bool,
         metadata_ttl: float,
+        presign_ttl: int = 60,
     ) -> None:
+        """`bucket` is proxied, `signed_bucket` answered with signed-URL redirects; `uris` (gs://…)
+        are the benchmark task's data, so its token grants every one of them."""
         self.port = free_port()
         self.workers = workers
         self.dir = workdir / "gateway"
         self.dir.mkdir()
         self.config = self.dir / "bench.toml"
         secret = os.urandom(32).hex()
+        self.presign_ttl = presign_ttl
+        self.credentials = self.dir / "signer-sa.json"
+        self.signer_email = write_service_account(self.credentials)
         self.config.write_text(
             f"""# Written by bench/run.py for one benchmark run.
 [server]
@@ -306,13 +343,24 @@ id = "bench"
 project = 1
 type = "gcs"
 bucket = "{bucket}"
+
+# Signed-URL mode: 303 to a V4 signed URL (cached per worker). With STORAGE_EMULATOR_HOST set the
+# key only signs locally (no token exchange); the URL points at the emulator.
+[[storages]]
+id = "bench-signed"
+project = 1
+type = "gcs"
+bucket = "{signed_bucket}"
+presign = true
+presign_ttl = {presign_ttl}
+google_application_credentials = "{self.credentials}"
 """,
             encoding="utf-8",
         )
         self.env = {**os.environ, "STORAGE_EMULATOR_HOST": emulator.host}
         self.starts = 0
         tasks = self.dir / "tasks.json"
-        tasks.write_text(json.dumps([{"data": {f"object{i}": f"gs://{bucket}/{k}" for i, k in enumerate(keys)}}]))
+        tasks.write_text(json.dumps([{"data": {f"object{i}": uri for i, uri in enumerate(uris)}}]))
         imported = self._cli("import", "--project", "1", str(tasks))
         self.task_id = int(json.loads(imported)["task_ids"][0])
         self.token = self._cli("token", "--sub", "bench", "--task", str(self.task_id), "--ttl", "1d").strip()

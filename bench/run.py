@@ -1,6 +1,7 @@
 """`make bench` / `python -m bench`: the gateway against direct GCS-emulator access, nginx and bare aiohttp.
 
-Starts fake-gcs-server (seeded with a 50 MiB and a 2 GiB object), the gateway from the working
+Starts fake-gcs-server (seeded with a 50 MiB and a 2 GiB object, and a 64 KiB object in a second
+bucket that the gateway answers with signed-URL redirects), the gateway from the working
 tree, an nginx reference proxy and a bare aiohttp server; runs the selected scenarios with their
 targets in alternation; prints one table and writes bench/results/latest.{json,png}.
 Every process is torn down and the temporary directory removed, also on Ctrl-C.
@@ -28,12 +29,12 @@ from typing import Any
 
 import psutil
 
-from .objects import BUCKET, seed
+from .objects import BUCKET, SIGNED_BUCKET, seed
 from .procs import ROOT, Bare, BenchError, Emulator, Gateway, Nginx, ensure_tools, nginx_version, tool_version
 from .report import chart, problems, table, write_json
 from .scenarios import NOT_YET, SCENARIOS, Context, ScenarioResult, Target
 
-DEFAULT_SCENARIOS = "1,2,4,5"
+DEFAULT_SCENARIOS = "1,2,3,4,5"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -108,7 +109,7 @@ def machine_info(args: argparse.Namespace, tools: dict[str, str]) -> dict[str, A
 
 def planned_seconds(args: argparse.Namespace) -> int:
     """A rough upper bound on the measuring time, to keep the metadata cache warm throughout."""
-    runs = {"1": 3, "2": 3, "4": 2, "5": 1}
+    runs = {"1": 3, "2": 3, "3": 2, "4": 2, "5": 1}
     per = sum(runs.get(s, 0) for s in args.selected)
     return per * (args.rounds * args.duration + args.warmup) + 120
 
@@ -126,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
         emulator = Emulator(workdir)
         stack.callback(emulator.stop)
         with_big = "5" in args.selected and not args.quick
-        log(f"bench: seeding {BUCKET} with a 50 MiB object{' and a 2 GiB object (streamed)' if with_big else ''}")
+        log(
+            f"bench: seeding {BUCKET} with a 50 MiB object{' and a 2 GiB object (streamed)' if with_big else ''}, "
+            f"{SIGNED_BUCKET} with a 64 KiB object"
+        )
         seeded_at = time.monotonic()
         objects = seed(emulator, with_big)
         log(f"bench: seeded in {time.monotonic() - seeded_at:.1f}s")
@@ -136,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             workdir,
             emulator,
             BUCKET,
-            [o.key for o in objects.values()],
+            SIGNED_BUCKET,
+            [f"gs://{o.bucket}/{o.key}" for o in objects.values()],
             workers=args.workers,
             access_log=args.access_log,
             metadata_ttl=metadata_ttl,
@@ -153,17 +158,27 @@ def run(args: argparse.Namespace) -> int:
             f"{gateway.task_id}), nginx :{nginx.port}, bare aiohttp :{bare.port}"
         )
         targets = {
-            "direct": Target("direct", emulator.port, lambda o: emulator.media_path(BUCKET, o.key)),
-            "nginx": Target("nginx", nginx.port, lambda o: emulator.media_path(BUCKET, o.key)),
+            "direct": Target("direct", emulator.port, lambda o: emulator.media_path(o.bucket, o.key)),
+            "nginx": Target("nginx", nginx.port, lambda o: emulator.media_path(o.bucket, o.key)),
             "gateway": Target(
-                "gateway", gateway.port, lambda o: gateway.media_path(BUCKET, o.key), gateway.auth_headers
+                "gateway", gateway.port, lambda o: gateway.media_path(o.bucket, o.key), gateway.auth_headers
             ),
             "bare": Target("bare", bare.port, lambda _o: "/"),
         }
         ctx = Context(
-            tools["wrk"], workdir, args.rounds, args.duration, args.warmup, objects, targets, gateway, log=log
+            tools["wrk"],
+            workdir,
+            args.rounds,
+            args.duration,
+            args.warmup,
+            objects,
+            targets,
+            gateway,
+            emulator_url=f"http://{emulator.host}",
+            log=log,
         )
-        for sid in sorted(set(args.selected) | {"3", "6"}):
+        not_yet = {sid for sid, scenario in SCENARIOS.items() if scenario.run is None}
+        for sid in sorted(set(args.selected) | not_yet):
             scenario = SCENARIOS[sid]
             if scenario.run is None:
                 results.append(ScenarioResult(sid, scenario.title, status=NOT_YET))
