@@ -12,6 +12,7 @@ import asyncio
 import base64
 import datetime
 import hashlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
@@ -156,7 +157,7 @@ class SignedUrlCache:
     async def _sign(
         self, key: Hashable, ttl_seconds: int, make: Callable[[float], Awaitable[str]]
     ) -> tuple[str, float]:
-        now = self._clock()
+        now = float(math.floor(self._clock()))  # X-Goog-Date has whole seconds: expiry must not be later
         url = await make(now)
         entries = self._entries
         entries.pop(key, None)
