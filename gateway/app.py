@@ -37,7 +37,6 @@ from .state import (
     VERIFIER,
 )
 from .storage import Backend, StorageError, build_backends, client_session, load_storage_credentials
-from .storage.credentials import AccessTokens
 from .uris import BadFileUri
 
 log = logging.getLogger("gateway")
@@ -92,12 +91,13 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
     for storage in settings.storages:
         if storage.presign:
             assert session is not None
-            tokens = AccessTokens(credentials[storage.id])
-            signer = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint, tokens)
-            try:
-                await resolve_identity(signer, credentials[storage.id], tokens)
-            except SigningError as exc:
-                raise ConfigError(f"[[storages]] id={storage.id!r}.presign: {exc}") from None
+            signer, token_source = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint)
+            if token_source is not None:
+                try:
+                    await resolve_identity(signer, *token_source)
+                except SigningError as exc:
+                    await session.close()
+                    raise ConfigError(f"[[storages]] id={storage.id!r}.presign: {exc}") from None
             app[SIGNERS][storage.id] = signer
     yield
     for backend in app[BACKENDS].values():

@@ -84,6 +84,7 @@ class MediaHandler:
         self._entries: ExpiringCache[tuple[str, str], _Entry] = ExpiringCache(
             media.metadata_cache_size, media.metadata_ttl
         )
+        self._max_age = media.cache_control_max_age
         self._cache_control = f"private, max-age={media.cache_control_max_age}"
 
     async def task_resolve(self, request: web.Request) -> web.StreamResponse:
@@ -169,8 +170,8 @@ class MediaHandler:
         else:
             metrics.METADATA_HIT.inc()
         overrides = {}
-        if request.query.get("download") in ("1", "true"):
-            overrides["response-content-disposition"] = entry.attachment
+        if request.query.get("download") in ("1", "true") or _is_active(entry.meta.content_type):
+            overrides["response-content-disposition"] = entry.attachment  # HTML/SVG never render either
         ttl = storage.presign_ttl * 60
         signer = self._signers[storage.id]
 
@@ -196,7 +197,9 @@ class MediaHandler:
         key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
         url, expires_at, hit = await self._signed.get(key, ttl, sign)
         (metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS).inc()
-        max_age = max(0, int(expires_at - time.time() - SignedUrlCache.margin(ttl)))
+        # Never cached past the URL's life, nor longer than a proxied answer (the token check is skipped
+        # while a browser replays a cached redirect).
+        max_age = max(0, min(self._max_age, int(expires_at - time.time() - SignedUrlCache.margin(ttl))))
         return web.Response(
             status=303,
             text="See Other\n",

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import datetime
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -23,6 +24,9 @@ import google.auth.exceptions
 
 MAX_TTL_SECONDS = 7 * 24 * 3600  # the V4 maximum
 IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # signBlob needs it (or iam)
+_SIGN_TIMEOUT = aiohttp.ClientTimeout(total=10)
+log = logging.getLogger("gateway.signer")
 
 
 class SigningError(Exception):
@@ -40,23 +44,35 @@ class Signer(Protocol):
     async def sign(self, payload: bytes) -> bytes: ...
 
 
-class LocalKeySigner:
-    method = "local"
+class CredentialsSigner:
+    """Credentials that sign by themselves: a service-account key (locally), or impersonated
+    credentials (google-auth calls signBlob with the source credentials, correctly scoped)."""
 
-    def __init__(self, credentials: Any) -> None:
+    def __init__(self, credentials: Any, method: str = "local") -> None:
         self._credentials = credentials
-        self.email: str = credentials.service_account_email
+        self.method = method
+        self.email: str = credentials.signer_email
 
     async def sign(self, payload: bytes) -> bytes:
-        return await asyncio.to_thread(self._credentials.sign_bytes, payload)
+        try:
+            return await asyncio.to_thread(self._credentials.sign_bytes, payload)
+        except google.auth.exceptions.GoogleAuthError as exc:
+            log.warning("signing as %s failed: %s", self.email, exc)
+            raise SigningError("unavailable", "the signing credentials could not sign") from None
+
+
+LocalKeySigner = CredentialsSigner  # a service-account key: the common case
 
 
 class IamSigner:
+    """Keyless credentials (ADC on GCE/GKE, workload identity federation): the signBlob API as
+    the credential's own service account, which needs the Token Creator role on itself."""
+
     method = "signblob"
 
     def __init__(self, session: aiohttp.ClientSession, tokens: Any, email: str, endpoint: str = IAM_ENDPOINT) -> None:
         self._session, self._tokens, self.email = session, tokens, email
-        self._url = f"{endpoint.rstrip('/')}/v1/projects/-/serviceAccounts/{quote(email, safe='@.')}:signBlob"
+        self._endpoint = endpoint.rstrip("/")
 
     async def sign(self, payload: bytes) -> bytes:
         headers: dict[str, str] = {}
@@ -65,12 +81,17 @@ class IamSigner:
         except google.auth.exceptions.GoogleAuthError:
             raise SigningError("unavailable", "no access token for signBlob could be obtained") from None
         body = {"payload": base64.b64encode(payload).decode("ascii")}
+        url = f"{self._endpoint}/v1/projects/-/serviceAccounts/{quote(self.email, safe='@.')}:signBlob"
         try:
-            async with self._session.post(self._url, json=body, headers=headers) as response:
+            async with self._session.post(url, json=body, headers=headers, timeout=_SIGN_TIMEOUT) as response:
+                if response.status != 200:
+                    detail = (await response.text())[:300]
+                    log.warning("signBlob as %s answered %d: %s", self.email, response.status, detail)
                 if response.status == 403:
                     raise SigningError(
                         "permission_denied",
-                        f"signBlob refused: {self.email} needs the Service Account Token Creator role",
+                        "signBlob refused: the signing service account needs the Service Account Token Creator"
+                        " role on itself and a token with the cloud-platform scope",
                     )
                 if response.status == 429:
                     raise SigningError("quota_exceeded", "signBlob quota exceeded")
@@ -138,7 +159,8 @@ class SignedUrlCache:
 
     @staticmethod
     def margin(ttl_seconds: int) -> float:
-        return max(60.0, 0.1 * ttl_seconds)
+        """max(60 s, 10 % of the TTL), but never more than half of it (a 1-minute TTL stays cacheable)."""
+        return min(max(60.0, 0.1 * ttl_seconds), ttl_seconds / 2)
 
     async def get(
         self, key: Hashable, ttl_seconds: int, make: Callable[[float], Awaitable[str]]
@@ -167,20 +189,37 @@ class SignedUrlCache:
         return url, now + ttl_seconds
 
 
-def build_signer(credentials: Any, session: aiohttp.ClientSession, iam_endpoint: str, tokens: Any) -> Signer:
-    """A local-key signer for service-account keys, the signBlob API for everything else."""
+def build_signer(credentials: Any, session: aiohttp.ClientSession, iam_endpoint: str) -> tuple[Signer, Any]:
+    """The signer for a storage's credentials, and the token source it needs (None if none).
+
+    Service-account keys sign locally; impersonated credentials sign through google-auth (which
+    scopes the source credentials for IAM); anything else calls signBlob with a token scoped for
+    it — the storage's own token is read-only and signBlob would refuse it.
+    """
+    from google.auth import impersonated_credentials
     from google.oauth2 import service_account
 
+    from .storage.credentials import AccessTokens
+
     if isinstance(credentials, service_account.Credentials):
-        return LocalKeySigner(credentials)
-    email = getattr(credentials, "service_account_email", None) or getattr(credentials, "signer_email", None)
-    return IamSigner(session, tokens, email or "default", iam_endpoint)
+        return CredentialsSigner(credentials, "local"), None
+    if isinstance(credentials, impersonated_credentials.Credentials):
+        return CredentialsSigner(credentials, "signblob"), None
+    scoped = credentials.with_scopes([CLOUD_PLATFORM_SCOPE]) if hasattr(credentials, "with_scopes") else credentials
+    tokens = AccessTokens(scoped)
+    email = getattr(scoped, "service_account_email", None) or getattr(scoped, "signer_email", None)
+    return IamSigner(session, tokens, email or "default", iam_endpoint), (scoped, tokens)
 
 
 async def resolve_identity(signer: Signer, credentials: Any, tokens: Any) -> None:
     """GCE/GKE credentials name their service account only after a first refresh."""
     if isinstance(signer, IamSigner) and signer.email in ("", "default"):
-        await tokens.apply({})
+        try:
+            await tokens.apply({})
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise SigningError(
+                "no_identity", f"the signing credentials cannot get a token: {type(exc).__name__}"
+            ) from None
         email = getattr(credentials, "service_account_email", None)
         if not email or email == "default":
             raise SigningError("no_identity", "the credentials name no service account to sign with")

@@ -137,9 +137,18 @@ def test_serve_start_up_failures_are_one_line(tmp_path):
 
 
 def test_cors_config_for_presign_buckets(tmp_path, capsys):
-    assert main(["cors-config", "--origin", "https://ls.example.com", "--origin", "http://localhost:8080"]) == 0
+    argv = [
+        "cors-config",
+        "--origin",
+        "https://ls.example.com",
+        "--origin",
+        "http://localhost:8080",
+        "--origin",
+        "null",
+    ]
+    assert main(argv) == 0
     (rule,) = json.loads(capsys.readouterr().out)
-    assert rule["origin"] == ["https://ls.example.com", "http://localhost:8080"]
+    assert rule["origin"] == ["https://ls.example.com", "http://localhost:8080", "null"]
     assert rule["method"] == ["GET", "HEAD"] and rule["maxAgeSeconds"] == 3600
     assert {"Content-Type", "Access-Control-Allow-Origin", "Content-Range"} <= set(rule["responseHeader"])
     config = write_config(tmp_path, extra="")

@@ -19,14 +19,14 @@ from gateway.signer import IamSigner, SignedUrlCache
 from gateway.state import REGISTRY, SIGNERS
 
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
+from .test_signer import verifies
 
 CLIP = StoredObject("video/clip one.bin", bytes(range(256)) * 400, "application/octet-stream")
 OTHER = StoredObject("video/other.bin", b"other object" * 10, "application/octet-stream")
 PLAIN = StoredObject("plain/a.bin", b"proxied, not presigned", "application/octet-stream")
 
 
-def service_account_json() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def service_account_json(key: rsa.RSAPrivateKey) -> str:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
@@ -51,7 +51,10 @@ async def presign(tmp_path, emulator, aiohttp_client, monkeypatch):
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
         bucket, plain_bucket = f"signed-{uuid.uuid4().hex[:10]}", f"plain-{uuid.uuid4().hex[:10]}"
         signed = seed("gcs", bucket, [CLIP, OTHER], tmp_path, emulator)
-        signed.update(id="signed", presign=True, presign_ttl=15, google_application_credentials=service_account_json())
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        signed.update(
+            id="signed", presign=True, presign_ttl=15, google_application_credentials=service_account_json(key)
+        )
         plain = seed("gcs", plain_bucket, [PLAIN], tmp_path, emulator)
         plain.update(id="plain")
         app = create_app(build_settings([signed, plain], tmp_path, media=media))
@@ -64,6 +67,7 @@ async def presign(tmp_path, emulator, aiohttp_client, monkeypatch):
         )
         client = await aiohttp_client(app)
         client.ids, client.bucket, client.plain_bucket, client.emulator = ids, bucket, plain_bucket, emulator
+        client.public_key = key.public_key()
         return client
 
     return build
@@ -88,6 +92,8 @@ async def test_redirect_to_a_signed_url_that_downloads_the_object(presign):
     assert query["X-Goog-Algorithm"] == ["GOOG4-RSA-SHA256"]
     assert query["X-Goog-Expires"] == ["900"]
     assert query["X-Goog-Credential"][0].startswith("signer@p.iam.gserviceaccount.com/")
+    # fake-gcs-server does not check signatures: verify it here, against the storage's public key.
+    assert verifies(location, client.public_key)
     max_age = int(response.headers["Cache-Control"].removeprefix("private, max-age="))
     assert 900 - SignedUrlCache.margin(900) - 5 <= max_age <= 900 - SignedUrlCache.margin(900)
     head = await client.head(url, allow_redirects=False)
@@ -166,28 +172,37 @@ async def test_signing_failures_are_503_with_a_reason(presign, aiohttp_server):
 
 
 async def test_keyless_credentials_sign_through_iam_as_their_service_account():
-    from gateway.signer import SigningError, build_signer, resolve_identity
+    from gateway.signer import CLOUD_PLATFORM_SCOPE, SigningError, build_signer, resolve_identity
 
     class ComputeLike:
-        """google-auth's GCE credentials name their account only after a refresh (pure double)."""
+        """google-auth-shaped GCE credentials (pure double): the account is named after a refresh."""
 
-        service_account_email = "default"
+        def __init__(self, email_after_refresh: str) -> None:
+            self.service_account_email, self._after = "default", email_after_refresh
+            self.token, self.scopes = None, None
 
-    class Tokens:
-        def __init__(self, credentials, email):
-            self.credentials, self.email = credentials, email
+        def with_scopes(self, scopes):
+            scoped = ComputeLike(self._after)
+            scoped.scopes = scopes
+            return scoped
 
-        async def apply(self, headers):
-            self.credentials.service_account_email = self.email
-            headers["Authorization"] = "Bearer t"
+        @property
+        def valid(self) -> bool:
+            return self.token is not None
+
+        def refresh(self, _request) -> None:
+            self.token, self.service_account_email = "t", self._after
+
+        def apply(self, headers) -> None:
+            headers["authorization"] = f"Bearer {self.token}"
 
     async with aiohttp.ClientSession() as session:
-        credentials = ComputeLike()
-        signer = build_signer(credentials, session, "http://127.0.0.1:9", Tokens(credentials, "vm@p.iam"))
+        signer, token_source = build_signer(ComputeLike("vm@p.iam"), session, "http://127.0.0.1:9")
         assert isinstance(signer, IamSigner) and signer.email == "default"
-        await resolve_identity(signer, credentials, Tokens(credentials, "vm@p.iam"))
+        scoped, _tokens = token_source
+        assert scoped.scopes == [CLOUD_PLATFORM_SCOPE]  # the storage's read-only token would be refused
+        await resolve_identity(signer, *token_source)
         assert signer.email == "vm@p.iam"
-        anonymous = ComputeLike()
-        nameless = build_signer(anonymous, session, "http://127.0.0.1:9", Tokens(anonymous, "default"))
+        nameless, nameless_source = build_signer(ComputeLike("default"), session, "http://127.0.0.1:9")
         with pytest.raises(SigningError):
-            await resolve_identity(nameless, anonymous, Tokens(anonymous, "default"))
+            await resolve_identity(nameless, *nameless_source)
