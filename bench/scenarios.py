@@ -409,14 +409,7 @@ def signed_redirects(ctx: Context) -> ScenarioResult:
     )
 
     failed = result.failed_targets()
-    rps = medians(result, lambda r: r.rps)
-    g_b = ratio(rps["gateway"], rps["bare"])
-    result.rows.append(Row("requests/s", rps, {"gw/bare": g_b}, "gw/bare >= 0.80", _at_least(g_b, 0.80), failed))
-    for pct in ("p50", "p99"):
-        lat = medians(result, lambda r, p=pct: r.latency_ms.get(p, 0.0))
-        result.rows.append(
-            Row(f"{pct} latency ms", lat, {"gw/bare": ratio(lat["gateway"], lat["bare"])}, failed=failed, decimals=2)
-        )
+    g_b = _versus_bare_rows(result, failed)
     cached = "cached" if signatures <= workers else "NOT cached"
     result.rows.append(
         Row(
@@ -485,14 +478,7 @@ def revalidation(ctx: Context) -> ScenarioResult:
     checks("after")
 
     failed = result.failed_targets()
-    rps = medians(result, lambda r: r.rps)
-    g_b = ratio(rps["gateway"], rps["bare"])
-    result.rows.append(Row("requests/s", rps, {"gw/bare": g_b}, "gw/bare >= 0.80", _at_least(g_b, 0.80), failed))
-    for pct in ("p50", "p99"):
-        lat = medians(result, lambda r, p=pct: r.latency_ms.get(p, 0.0))
-        result.rows.append(
-            Row(f"{pct} latency ms", lat, {"gw/bare": ratio(lat["gateway"], lat["bare"])}, failed=failed, decimals=2)
-        )
+    g_b = _versus_bare_rows(result, failed)
     result.rows.append(
         Row(
             "upstream requests in run",
@@ -730,3 +716,17 @@ SCENARIOS: dict[str, Scenario] = {
     "5": Scenario("5", "memory under streams", memory),
     "6": Scenario("6", "sync import", None),
 }
+
+
+def _versus_bare_rows(result: ScenarioResult, failed: set[str]) -> float | None:
+    """Requests/s and latency of the gateway against the bare aiohttp ceiling (scenarios 3 and 4);
+    returns the gateway/bare requests/s ratio."""
+    rps = medians(result, lambda r: r.rps)
+    g_b = ratio(rps["gateway"], rps["bare"])
+    result.rows.append(Row("requests/s", rps, {"gw/bare": g_b}, "gw/bare >= 0.80", _at_least(g_b, 0.80), failed))
+    for pct in ("p50", "p99"):
+        lat = medians(result, lambda r, p=pct: r.latency_ms.get(p, 0.0))
+        result.rows.append(
+            Row(f"{pct} latency ms", lat, {"gw/bare": ratio(lat["gateway"], lat["bare"])}, failed=failed, decimals=2)
+        )
+    return g_b
