@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 from .objects import SeededObject
@@ -99,6 +98,18 @@ def _guarded(scenario: str, phase: str, target: str, what: str, body: Callable[[
         return _result(scenario, phase, target, what, [f"{type(exc).__name__}: {exc}"])
 
 
+def _body_problems(got: Fetched, status: int, length: int, md5: str) -> list[str]:
+    """Status, declared and received length, and body checksum of one sampled response."""
+    problems = []
+    if got.status != status:
+        problems.append(f"status {got.status}, expected {status}")
+    if got.headers.get("content-length") != str(length) or got.length != length:
+        problems.append(f"Content-Length {got.headers.get('content-length')}, {got.length} bytes read")
+    if got.md5 != md5:
+        problems.append("body md5 differs from the seeded bytes")
+    return problems
+
+
 def check_range(
     scenario: str, phase: str, target: str, port: int, path: str, headers: dict[str, str], obj: SeededObject, first: int
 ) -> Check:
@@ -107,16 +118,9 @@ def check_range(
 
     def body() -> list[str]:
         got = fetch(port, path, {**headers, "Range": f"bytes={first}-{last}"})
-        want = last - first + 1
-        problems = []
-        if got.status != 206:
-            problems.append(f"status {got.status}, expected 206")
-        if got.headers.get("content-length") != str(want) or got.length != want:
-            problems.append(f"Content-Length {got.headers.get('content-length')}, {got.length} bytes read")
+        problems = _body_problems(got, 206, last - first + 1, hashlib.md5(obj.slice(first, last)).hexdigest())
         if got.headers.get("content-range") != f"bytes {first}-{last}/{obj.size}":
             problems.append(f"Content-Range {got.headers.get('content-range')!r}")
-        if got.md5 != hashlib.md5(obj.slice(first, last)).hexdigest():
-            problems.append("body md5 differs from the seeded slice")
         return problems
 
     return _guarded(scenario, phase, target, f"range {first}-{last} of {obj.key}", body)
@@ -126,15 +130,7 @@ def check_whole(
     scenario: str, phase: str, target: str, port: int, path: str, headers: dict[str, str], obj: SeededObject
 ) -> Check:
     def body() -> list[str]:
-        got = fetch(port, path, headers)
-        problems = []
-        if got.status != 200:
-            problems.append(f"status {got.status}, expected 200")
-        if got.headers.get("content-length") != str(obj.size) or got.length != obj.size:
-            problems.append(f"Content-Length {got.headers.get('content-length')}, {got.length} bytes read")
-        if got.md5 != obj.md5:
-            problems.append("body md5 differs from the seeded object")
-        return problems
+        return _body_problems(fetch(port, path, headers), 200, obj.size, obj.md5)
 
     return _guarded(scenario, phase, target, f"whole {obj.key}", body)
 
