@@ -419,18 +419,11 @@ async def test_cut_mid_body_closes_the_client_connection_raw(rig):
 # 5. Refusals from storage -----------------------------------------------------------------------
 
 
-async def test_upstream_403_is_502_upstream_denied_without_retry(rig):
-    rig.proxy.otherwise = rig.proxy.status(403)
+@pytest.mark.parametrize(("upstream", "status", "reason"), [(403, 502, "upstream_denied"), (404, 404, "not_found")])
+async def test_upstream_refusals_are_answered_without_retry(rig, upstream, status, reason):
+    rig.proxy.otherwise = rig.proxy.status(upstream)
     retries = _retries()
-    await _json_error(await rig.get(), 502, "upstream_denied")
-    assert rig.proxy.media_requests == 1
-    assert _retries() == retries
-
-
-async def test_upstream_404_is_404_not_found_without_retry(rig):
-    rig.proxy.otherwise = rig.proxy.status(404)
-    retries = _retries()
-    await _json_error(await rig.get(), 404, "not_found")
+    await _json_error(await rig.get(), status, reason)
     assert rig.proxy.media_requests == 1
     assert _retries() == retries
 

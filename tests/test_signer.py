@@ -176,9 +176,9 @@ async def test_local_signer_signs_off_the_event_loop(credentials):
     assert threads[0] != threading.current_thread().name
 
 
-async def test_signed_url_verifies_with_the_public_key(credentials, private_key):
-    public_key = private_key.public_key()
-    url = await sign_url(
+async def sign_sample(credentials) -> str:
+    """The reference URL: KEY with its awkward characters and a disposition override, 15 minutes."""
+    return await sign_url(
         LocalKeySigner(credentials),
         endpoint=GCS,
         bucket=BUCKET,
@@ -187,6 +187,11 @@ async def test_signed_url_verifies_with_the_public_key(credentials, private_key)
         now=NOW,
         query={"response-content-disposition": DISPOSITION},
     )
+
+
+async def test_signed_url_verifies_with_the_public_key(credentials, private_key):
+    public_key = private_key.public_key()
+    url = await sign_sample(credentials)
     assert url.startswith(f"{GCS}/{BUCKET}/{QUOTED_KEY}?")
     parsed = parse_signed_url(url)
     assert (parsed.scheme, parsed.host, parsed.path) == ("https", "storage.googleapis.com", f"/{BUCKET}/{QUOTED_KEY}")
@@ -267,15 +272,7 @@ async def test_matches_google_cloud_storage_v4_signer(credentials, private_key):
     """google-cloud-storage's own V4 signer gives the very same URL (RSA PKCS#1 v1.5 is deterministic)."""
     from google.cloud.storage._signing import generate_signed_url_v4
 
-    ours = await sign_url(
-        LocalKeySigner(credentials),
-        endpoint=GCS,
-        bucket=BUCKET,
-        key=KEY,
-        ttl_seconds=900,
-        now=NOW,
-        query={"response-content-disposition": DISPOSITION},
-    )
+    ours = await sign_sample(credentials)
     theirs = generate_signed_url_v4(
         credentials,
         resource=f"/{BUCKET}/{urllib.parse.quote(KEY, safe='/~')}",
