@@ -4,7 +4,7 @@ VENV ?= .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint serve clean chromium
+.PHONY: demo test lint serve clean chromium postgresql
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gateway demo --port $(PORT)
 
-test: $(STAMP) lint chromium
+test: $(STAMP) lint chromium postgresql
 	$(VENV)/bin/pytest -q
 
 # Browser tests use Debian's chromium; installed when absent and we are root (CI). Without it
@@ -24,6 +24,18 @@ test: $(STAMP) lint chromium
 chromium:
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# Registry tests also run against PostgreSQL: tests/postgres.py starts a private cluster with
+# initdb/postgres from PATH or /usr/lib/postgresql/<ver>/bin (Debian's `postgresql`, not on PATH).
+# Installed when absent and we are root (CI); no system service is started by us. Without it the
+# PostgreSQL cases are skipped locally and fail under CI=true.
+PG_LIBDIR ?= /usr/lib/postgresql
+
+postgresql:
+	@{ command -v initdb && command -v postgres; } >/dev/null 2>&1 || \
+		( for bin in $(PG_LIBDIR)/*/bin; do [ -x "$$bin/initdb" ] && [ -x "$$bin/postgres" ] && exit 0; done; exit 1 ) || \
+		[ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench

@@ -2,6 +2,8 @@
 
 `media` builds one gateway per backend kind ("local", "gcs") holding the same objects and
 tasks, so every HTTP behaviour is asserted against both backends by the same test.
+PostgreSQL fixtures (`postgres_server`, `fresh_postgres_url`, `registry_url`) live in
+tests/postgres.py, loaded as a plugin below.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Settings, settings_from_dict
 from gateway.uris import encode_fileuri
+
+pytest_plugins = ["tests.postgres"]
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
 PROJECT = "7"
