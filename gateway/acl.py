@@ -196,6 +196,10 @@ class TaskCache:
             self._cache[task_id] = task
         return task
 
+    def forget(self) -> None:
+        """Drop every cached task: a sync in this process changed or removed some."""
+        self._cache.clear()
+
 
 def storage_for_task(
     claims: Claims, task: TaskAccess, uri: GsUri, storages: tuple[StorageSettings, ...]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,28 +18,31 @@ from aiohttp.abc import AbstractAccessLogger
 from . import metrics
 from .acl import TaskCache, TokenVerifier
 from .api import add_api_routes
-from .config import ConfigError, Settings
+from .catalog import StorageCatalog
+from .config import Settings
 from .cors import add_cors
 from .errors import Refused
 from .proxy import MediaHandler
-from .registry import RegistryUnavailable, TaskRegistry, open_registry
-from .signer import SigningError, build_signer, resolve_identity
+from .registry import RegistryUnavailable, open_registry
+from .registry.sql import SqlTaskRegistry
 from .state import (
-    BACKENDS,
+    CATALOG,
     ERROR,
     MODE,
     READINESS,
     REGISTRY,
     REQUEST_ID,
     SETTINGS,
-    SIGNERS,
     STARTED,
     SUB,
+    SYNC_WORKER,
     TASK,
+    TASKS,
     VERIFIER,
 )
-from .storage import Backend, StorageError, build_backends, client_session, load_storage_credentials
+from .storage import StorageError, client_session
 from .uris import BadFileUri
+from .vault import Vault
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -48,8 +53,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _BEARER_REALM = 'Bearer realm="media-gateway"'
 
 
-def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.Application:
-    """The gateway application; `registry` may be injected (tests), else opened from settings."""
+def create_app(
+    settings: Settings, registry: SqlTaskRegistry | None = None, *, sync_worker: bool = False
+) -> web.Application:
+    """The gateway application; `registry` may be injected (tests), else opened from settings.
+
+    With `sync_worker`, the process also runs the sync worker (gateway/sync/worker.py).
+    """
     app = web.Application(
         middlewares=[gateway_middleware],
         client_max_size=64 * 1024**2,  # task imports
@@ -60,12 +70,14 @@ def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.
     app[REGISTRY] = registry or open_registry(settings.registry.url)
     app[VERIFIER] = TokenVerifier(settings.auth)
     app[READINESS] = {}
+    app[CATALOG] = StorageCatalog(settings, app[REGISTRY], Vault(settings.registry.encryption_keys))
+    app[TASKS] = TaskCache(app[REGISTRY], settings.registry)
+    app[SYNC_WORKER] = None
     app.cleanup_ctx.append(_upstream_context)
+    if sync_worker:
+        app.cleanup_ctx.append(_sync_worker_context)
 
-    backends: dict[str, Backend] = {}  # filled at start-up, when the upstream session exists
-    app[BACKENDS] = backends
-    app[SIGNERS] = {}
-    media = MediaHandler(settings, app[VERIFIER], TaskCache(app[REGISTRY], settings.registry), backends, app[SIGNERS])
+    media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG])
     for name, path, handler in (
         ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
@@ -83,28 +95,33 @@ def create_app(settings: Settings, registry: TaskRegistry | None = None) -> web.
 
 
 async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-def]
-    settings = app[SETTINGS]
-    needs_session = any(s.type == "gcs" for s in settings.storages)
-    session = client_session(settings) if needs_session else None
-    credentials = load_storage_credentials(settings)
-    app[BACKENDS].update(build_backends(settings, session, credentials))
-    for storage in settings.storages:
-        if storage.presign:
-            assert session is not None
-            signer, token_source = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint)
-            if token_source is not None:
-                try:
-                    await resolve_identity(signer, *token_source)
-                except SigningError as exc:
-                    await session.close()
-                    raise ConfigError(f"[[storages]] id={storage.id!r}.presign: {exc}") from None
-            app[SIGNERS][storage.id] = signer
-    yield
-    for backend in app[BACKENDS].values():
-        await backend.close()
-    if session is not None:
+    """The upstream session and every storage's backend; API storages reloaded in the background."""
+    session = client_session(app[SETTINGS])
+    catalog = app[CATALOG]
+    try:
+        await catalog.start(session)
+    except BaseException:
         await session.close()
+        await app[REGISTRY].close()
+        raise
+    refresher = asyncio.create_task(catalog.run())
+    yield
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+    await catalog.close()
+    await session.close()
     await app[REGISTRY].close()
+
+
+async def _sync_worker_context(app: web.Application):  # type: ignore[no-untyped-def]
+    from .sync.worker import SyncWorker
+
+    worker = SyncWorker(app[CATALOG], on_change=app[TASKS].forget)
+    app[SYNC_WORKER] = worker
+    task = asyncio.create_task(worker.run())
+    yield
+    await worker.stop(task)
 
 
 def route_name(request: web.BaseRequest) -> str:
@@ -125,8 +142,10 @@ async def _tag_response(request: web.Request, response: web.StreamResponse) -> N
         response.headers["X-Request-ID"] = request_id
 
 
-def json_error(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": reason, "message": message}, status=status, headers=headers)
+def json_error(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None, details: dict[str, Any] | None = None
+) -> web.Response:
+    return web.json_response({"error": reason, "message": message, **(details or {})}, status=status, headers=headers)
 
 
 @web.middleware
@@ -150,7 +169,7 @@ async def gateway_middleware(
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
         if exc.status == 401:
             headers = {"WWW-Authenticate": _challenge(exc)}
-        return json_error(exc.status, exc.reason, exc.message, headers)
+        return json_error(exc.status, exc.reason, exc.message, headers, exc.details)
     except BadFileUri as exc:
         request[ERROR] = "bad_fileuri"
         return json_error(400, "bad_fileuri", str(exc))
@@ -200,7 +219,7 @@ async def readyz(request: web.Request) -> web.Response:
             checks["registry"] = "ok"
         except Exception as exc:  # readiness reports any failure instead of raising it
             checks["registry"] = f"error: {type(exc).__name__}"
-        for storage_id, backend in request.app[BACKENDS].items():
+        for storage_id, backend in request.app[CATALOG].backends().items():
             try:
                 await backend.check()
                 checks[f"storage:{storage_id}"] = "ok"

@@ -42,5 +42,8 @@ class ExpiringCache(Generic[K, V]):  # Python 3.11: no PEP 695 syntax yet
     def pop(self, key: K) -> None:
         self._data.pop(key, None)
 
+    def clear(self) -> None:
+        self._data.clear()
+
     def __len__(self) -> int:
         return len(self._data)

@@ -297,7 +297,8 @@ async def _prepare_registry(settings: Settings) -> None:
         await registry.close()
 
 
-def run_worker(settings: Settings) -> None:
+def run_worker(settings: Settings, index: int = 0) -> None:
+    """One serving process; the first (index 0) also runs the sync worker unless [sync] worker is off."""
     from aiohttp import web
 
     from .app import create_app
@@ -313,7 +314,7 @@ def run_worker(settings: Settings) -> None:
     log = logging.getLogger("gateway")
     try:
         web.run_app(
-            create_app(settings),
+            create_app(settings, sync_worker=settings.sync.worker and index == 0),
             host=server.host,
             port=server.port,
             reuse_port=settings.server.workers > 1,

@@ -73,6 +73,21 @@ class RegistrySettings:
     url: str = "sqlite:///gateway.db"
     task_cache_ttl: float = 60.0
     task_cache_size: int = 100000
+    # Keys that encrypt storage credentials given to the API; the first encrypts, all decrypt.
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    storage_refresh: float = 2.0  # seconds before a storage created through another replica is served
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    worker: bool = True  # `gateway serve` runs the sync worker in-process (in its first worker)
+    concurrency: int = 1  # syncs one worker process runs at once
+    poll_interval: float = 1.0
+    heartbeat_interval: float = 5.0
+    stale_after: float = 60.0  # a running job without heartbeat for this long is re-queued
+    max_attempts: int = 3
+    page_size: int = 1000  # objects per listing page
+    batch_size: int = 1000  # tasks per registry transaction
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,19 @@ class StorageSettings:
     google_application_credentials: str | None = field(default=None, repr=False)
     google_project_id: str | None = None
     root: str | None = None
+    # Import (source storage) settings, named as Label Studio names them.
+    title: str = ""
+    description: str = ""
+    regex_filter: str = ""
+    use_blob_urls: bool = True
+    recursive_scan: bool = False
+    data_key: str = "$undefined$"
+    sync_interval: int = 0  # seconds between periodic syncs; 0 = only when asked
+
+    @property
+    def from_api(self) -> bool:
+        """Storages created through the API have numeric ids; config-file ids never are."""
+        return self.id.isdigit()
 
     def holds(self, bucket: str, key: str) -> bool:
         """Whether `gs://bucket/key` lies inside this storage (bucket and prefix)."""
@@ -128,6 +156,7 @@ class Settings:
     media: MediaSettings = MediaSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     cors: CorsSettings = CorsSettings()
+    sync: SyncSettings = SyncSettings()
     storages: tuple[StorageSettings, ...] = ()
     source: str = "<defaults>"
 
@@ -142,6 +171,7 @@ _SECTIONS = {
     "media": MediaSettings,
     "upstream": UpstreamSettings,
     "cors": CorsSettings,
+    "sync": SyncSettings,
 }
 
 
@@ -239,7 +269,7 @@ def _base_type(annotation: Any) -> Any:
     return origin or hint
 
 
-_SECRET_FIELDS = frozenset({"secret", "google_application_credentials"})
+_SECRET_FIELDS = frozenset({"secret", "google_application_credentials", "encryption_keys"})
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -291,12 +321,16 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 
 
 def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> StorageSettings:
+    if not s.id or s.id.isdigit():
+        raise ConfigError(f"{where}.id: use a name with a letter in it (numeric ids belong to API storages)")
+    check_import_fields(s, where)
     if s.type not in ("gcs", "local"):
         raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
     if not BUCKET_RE.fullmatch(s.bucket):
         raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
     if s.prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: must not start with '/'")
+    s = dataclasses.replace(s, prefix=normalize_prefix(s.prefix))
     if s.presign and s.type != "gcs":
         raise ConfigError(f"{where}.presign: signed URLs need type 'gcs'")
     if not 1 <= s.presign_ttl <= 10080:
@@ -313,6 +347,23 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
     if s.root:
         raise ConfigError(f"{where}.root: only for type 'local'")
     return s
+
+
+def normalize_prefix(prefix: str) -> str:
+    """Label Studio's rule: a non-empty prefix names a folder, so it ends with '/'."""
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def check_import_fields(s: StorageSettings, where: str) -> None:
+    """The import fields, as checked for config-file and API storages alike."""
+    try:
+        re.compile(s.regex_filter)
+    except re.error as exc:
+        raise ConfigError(f"{where}.regex_filter: not a valid regular expression ({exc})") from None
+    if not s.data_key.strip():
+        raise ConfigError(f"{where}.data_key: must not be empty")
+    if s.sync_interval < 0:
+        raise ConfigError(f"{where}.sync_interval: expected 0 (off) or more seconds, got {s.sync_interval}")
 
 
 def validate(settings: Settings) -> None:
@@ -359,6 +410,10 @@ def validate(settings: Settings) -> None:
         ("[registry].task_cache_ttl", registry.task_cache_ttl, 0),
         ("[upstream].retry_backoff", upstream.retry_backoff, 0),
         ("[upstream].retries", upstream.retries, 0),
+        ("[sync].concurrency", settings.sync.concurrency, 1),
+        ("[sync].max_attempts", settings.sync.max_attempts, 1),
+        ("[sync].page_size", settings.sync.page_size, 1),
+        ("[sync].batch_size", settings.sync.batch_size, 1),
     ):
         if value < minimum:
             raise ConfigError(f"{where}: expected {minimum} or more, got {value}")
@@ -366,6 +421,10 @@ def validate(settings: Settings) -> None:
         ("[upstream].connect_timeout", upstream.connect_timeout),
         ("[upstream].first_byte_timeout", upstream.first_byte_timeout),
         ("[upstream].idle_timeout", upstream.idle_timeout),
+        ("[registry].storage_refresh", registry.storage_refresh),
+        ("[sync].poll_interval", settings.sync.poll_interval),
+        ("[sync].heartbeat_interval", settings.sync.heartbeat_interval),
+        ("[sync].stale_after", settings.sync.stale_after),
     ):
         if seconds <= 0:
             raise ConfigError(f"{where}: expected more than 0 seconds, got {seconds}")
@@ -376,6 +435,13 @@ def validate(settings: Settings) -> None:
     for origin in settings.cors.origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")
+    if settings.sync.stale_after <= settings.sync.heartbeat_interval * 2:
+        raise ConfigError("[sync].stale_after: must exceed twice [sync].heartbeat_interval")
+    if settings.sync.page_size > 1000:
+        raise ConfigError("[sync].page_size: GCS lists at most 1000 objects per page")
+    for key in settings.registry.encryption_keys:
+        if len(key) < 32:
+            raise ConfigError("[registry].encryption_keys: use keys of at least 32 characters")
     seen: set[str] = set()
     for s in settings.storages:
         if s.id in seen:

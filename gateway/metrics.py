@@ -56,6 +56,16 @@ SIGNING_SECONDS = Histogram(
     "gateway_signing_duration_seconds", "Time to sign a URL", ["method"], buckets=_LATENCY_BUCKETS
 )
 SIGNING_FAILURES = Counter("gateway_signing_failures_total", "Signing failures", ["reason"])
+SYNC_OBJECTS_LISTED = Counter("gateway_sync_objects_listed_total", "Objects listed by import syncs", ["storage"])
+SYNC_TASKS = Counter("gateway_sync_tasks_total", "Tasks written by import syncs", ["storage", "action"])
+SYNC_SECONDS = Histogram(
+    "gateway_sync_duration_seconds",
+    "Duration of finished import syncs",
+    ["storage"],
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+)
+SYNC_ERRORS = Counter("gateway_sync_errors_total", "Import sync errors", ["kind"])  # row, file, storage, job
+SYNC_JOBS = Counter("gateway_sync_jobs_total", "Import sync jobs finished", ["status"])
 
 METADATA_HIT = METADATA_CACHE.labels("hit")
 METADATA_MISS = METADATA_CACHE.labels("miss")

@@ -20,6 +20,7 @@ from aiohttp import web
 from . import metrics
 from .acl import Claims, TaskCache, TokenVerifier, storage_for_project, storage_for_task, token_from
 from .caching import ExpiringCache
+from .catalog import StorageCatalog
 from .config import Settings, StorageSettings
 from .errors import Refused, forbidden, unauthorized
 from .httpsem import (
@@ -31,7 +32,7 @@ from .httpsem import (
     parse_range,
     plan_response,
 )
-from .signer import SignedUrlCache, Signer, SigningError, sign_url
+from .signer import SignedUrlCache, SigningError, sign_url
 from .state import ERROR, MODE, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader, storage_endpoint
 from .storage.base import ObjectNotFound, RangeNotSatisfiable, StorageError
@@ -69,17 +70,14 @@ class MediaHandler:
         settings: Settings,
         verifier: TokenVerifier,
         tasks: TaskCache,
-        backends: dict[str, Backend],
-        signers: dict[str, Signer],
+        catalog: StorageCatalog,
     ) -> None:
         self._settings = settings
-        self._signers = signers
+        self._catalog = catalog
         self._signed = SignedUrlCache(settings.upstream.signed_url_cache_size)
         self._signed_endpoint = storage_endpoint(dict(os.environ))
         self._verifier = verifier
         self._tasks = tasks
-        self._backends = backends
-        self._storages_by_project = {s.project: settings.storages_of(s.project) for s in settings.storages}
         media = settings.media
         self._entries: ExpiringCache[tuple[str, str], _Entry] = ExpiringCache(
             media.metadata_cache_size, media.metadata_ttl
@@ -97,15 +95,14 @@ class MediaHandler:
         task = await self._tasks.get(task_id)
         if task is None:
             raise Refused(404, "unknown_task", f"task {task_id} does not exist")
-        storages = self._storages_by_project.get(task.project, ())
-        storage = storage_for_task(claims, task, uri, storages)
+        storage = storage_for_task(claims, task, uri, self._catalog.storages_of(task.project))
         return await self._serve(request, storage, uri)
 
     async def project_resolve(self, request: web.Request) -> web.StreamResponse:
         claims = await self._claims(request)
         uri = parse_fileuri(request.query.get("fileuri"))
         project = request.match_info["project_id"]
-        storage = storage_for_project(claims, project, uri, self._storages_by_project.get(project, ()))
+        storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
         return await self._serve(request, storage, uri)
 
     async def _claims(self, request: web.Request) -> Claims:
@@ -117,7 +114,7 @@ class MediaHandler:
         return claims
 
     async def _serve(self, request: web.Request, storage: StorageSettings, uri: GsUri) -> web.StreamResponse:
-        backend = self._backends[storage.id]
+        backend = self._catalog.backend(storage)
         cache_key = (storage.id, uri.key)
         if storage.presign:
             return await self._redirect(request, storage, uri, backend, cache_key)
@@ -173,7 +170,7 @@ class MediaHandler:
         if request.query.get("download") in ("1", "true") or _is_active(entry.meta.content_type):
             overrides["response-content-disposition"] = entry.attachment  # HTML/SVG never render either
         ttl = storage.presign_ttl * 60
-        signer = self._signers[storage.id]
+        signer = self._catalog.signers[storage.id]
 
         async def sign(now: float) -> str:
             started = time.perf_counter()

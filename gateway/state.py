@@ -6,17 +6,18 @@ from typing import Any
 
 from aiohttp import web
 
-from .acl import TokenVerifier
+from .acl import TaskCache, TokenVerifier
+from .catalog import StorageCatalog
 from .config import Settings
-from .registry import TaskRegistry
-from .storage import Backend
+from .registry.sql import SqlTaskRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
-REGISTRY = web.AppKey("registry", TaskRegistry)
-BACKENDS = web.AppKey("backends", dict[str, Backend])
+REGISTRY = web.AppKey("registry", SqlTaskRegistry)
+CATALOG = web.AppKey("catalog", StorageCatalog)
+TASKS = web.AppKey("tasks", TaskCache)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 READINESS = web.AppKey("readiness", dict[str, Any])
-SIGNERS = web.AppKey("signers", dict[str, Any])  # storage id -> signer.Signer, for presign storages
+SYNC_WORKER = web.AppKey("sync_worker", Any)  # gateway.sync.worker.SyncWorker when running in-process
 
 # Per-request facts the access log reports (never the token itself).
 REQUEST_ID = web.RequestKey("request_id", str)

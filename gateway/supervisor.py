@@ -27,29 +27,30 @@ _SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _KILL_GRACE_SECONDS = 5.0
 
 
-def _worker_main(target: Callable[[Settings], None], settings: Settings) -> None:
+def _worker_main(target: Callable[[Settings, int], None], settings: Settings, index: int) -> None:
     # Forked with the supervisor's handlers installed and these signals blocked: a SIGTERM
     # before the server installs its own handlers must stop this worker, not run `stop` here.
     for signum in _SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     os.setpgrp()
-    target(settings)
+    target(settings, index)
 
 
-def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
+def supervise(settings: Settings, target: Callable[[Settings, int], None]) -> None:
+    """Run `target(settings, index)` in N forked workers; a dead worker is replaced by one with its index."""
     context = multiprocessing.get_context("fork")
-    workers: dict[int, tuple[multiprocessing.process.BaseProcess, float]] = {}
+    workers: dict[int, tuple[multiprocessing.process.BaseProcess, float, int]] = {}
     stopping = False
     kill_at = float("inf")  # when stopping: SIGKILL whoever outlives the graceful deadline
     exit_code = 0
 
-    def spawn() -> None:
+    def spawn(index: int) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # `stop` must see every started worker
         try:
-            process = context.Process(target=_worker_main, args=(target, settings), name="gateway-worker")
+            process = context.Process(target=_worker_main, args=(target, settings, index), name="gateway-worker")
             process.start()
-            workers[process.sentinel] = (process, time.monotonic())
+            workers[process.sentinel] = (process, time.monotonic(), index)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
@@ -59,24 +60,24 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
             log.info("stopping %d workers (signal %d)", len(workers), signum)
             kill_at = time.monotonic() + settings.server.shutdown_timeout + _KILL_GRACE_SECONDS
         stopping = True
-        for process, _ in workers.values():
+        for process, _, _ in workers.values():
             if process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for _ in range(settings.server.workers):
-        spawn()
+    for index in range(settings.server.workers):
+        spawn(index)
     while workers:
         remaining = kill_at - time.monotonic()
         if remaining <= 0:
-            for process, _ in workers.values():
+            for process, _, _ in workers.values():
                 log.error("worker %s outlived the shutdown deadline; killing it", process.pid)
                 process.kill()
             exit_code, kill_at = 1, float("inf")
         # Bounded, so a deadline set by a signal handler during the wait is noticed.
         for sentinel in wait(list(workers), timeout=min(max(remaining, 0.0), 1.0)):
-            process, started = workers.pop(sentinel)
+            process, started, index = workers.pop(sentinel)
             process.join()
             if process.pid is not None:
                 mark_process_dead(process.pid)
@@ -90,6 +91,6 @@ def supervise(settings: Settings, target: Callable[[Settings], None]) -> None:
                 stop(signal.SIGTERM, None)
                 continue
             log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
-            spawn()
+            spawn(index)
     if exit_code:
         sys.exit(exit_code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -95,3 +95,23 @@ def _walk(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _walk(item)
+
+
+def resolve_uris(data: Any, url_for: Callable[[str], str]) -> Any:
+    """A copy of task data with every gs:// URI (those `find_gs_uris` finds) replaced by `url_for(uri)`."""
+    if isinstance(data, str):
+        stripped = data.strip()
+        if stripped.startswith("gs://") and stripped.count("gs://") == 1 and not any(c in stripped for c in "\"'<>\n"):
+            return url_for(stripped)
+
+        def replace(match: re.Match[str]) -> str:
+            uri = match.group(0)
+            bare = uri.rstrip(".,;:)]}")
+            return url_for(bare) + uri[len(bare) :]
+
+        return _EMBEDDED_URI.sub(replace, data)
+    if isinstance(data, dict):
+        return {key: resolve_uris(value, url_for) for key, value in data.items()}
+    if isinstance(data, list):
+        return [resolve_uris(item, url_for) for item in data]
+    return data

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from gateway.httpsem import ByteRange
-from gateway.storage import build_backends, client_session
+from gateway.storage import build_backend, client_session
 from gateway.storage.base import ObjectNotFound, RangeNotSatisfiable
 
 from .conftest import build_settings, sample_objects, seed
@@ -24,7 +24,7 @@ async def backend(request, tmp_path):
     settings = build_settings([storage], tmp_path)
     session = client_session(settings) if emulator else None
     env = {"STORAGE_EMULATOR_HOST": emulator.host} if emulator else {}
-    yield build_backends(settings, session, {}, env)[storage["id"]]
+    yield build_backend(settings, settings.storages[0], session, None, env)
     if session is not None:
         await session.close()
 

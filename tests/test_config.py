@@ -327,6 +327,12 @@ def test_bad_environment_value_names_the_variable(env: dict[str, str], name: str
     assert name in str(caught.value)
 
 
+@pytest.mark.parametrize("storage_id", [42, "42"])
+def test_numeric_storage_ids_are_reserved_for_api_storages(storage_id) -> None:
+    with pytest.raises(ConfigError, match=r"id=.*\.id: use a name with a letter"):
+        build({"storages": [storage(id=storage_id)]})
+
+
 def test_environment_values_are_validated_like_the_file() -> None:
     with pytest.raises(ConfigError, match=r"\[auth\]\.algorithms"):
         build(env={"GATEWAY_AUTH_ALGORITHMS": "HS256,none"})
@@ -337,7 +343,7 @@ def test_environment_values_are_validated_like_the_file() -> None:
     [
         pytest.param("s1", "GATEWAY_STORAGE_S1_GOOGLE_APPLICATION_CREDENTIALS", id="simple"),
         pytest.param("media-store.eu", "GATEWAY_STORAGE_MEDIA_STORE_EU_GOOGLE_APPLICATION_CREDENTIALS", id="punct"),
-        pytest.param(42, "GATEWAY_STORAGE_42_GOOGLE_APPLICATION_CREDENTIALS", id="numeric-id"),
+        pytest.param("7b", "GATEWAY_STORAGE_7B_GOOGLE_APPLICATION_CREDENTIALS", id="digit-first"),
     ],
 )
 def test_storage_credentials_from_environment(storage_id: Any, variable: str) -> None:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway import metrics
 from gateway.app import create_app
 from gateway.signer import IamSigner, SignedUrlCache
-from gateway.state import REGISTRY, SIGNERS
+from gateway.state import CATALOG, REGISTRY
 
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
 from .test_signer import verifies
@@ -163,7 +163,7 @@ async def test_signing_failures_are_503_with_a_reason(presign, aiohttp_server):
 
     client = await presign()
     async with aiohttp.ClientSession() as session:
-        client.server.app[SIGNERS]["signed"] = IamSigner(session, Tokens(), "ci@p.iam", str(server.make_url("")))
+        client.server.app[CATALOG].signers["signed"] = IamSigner(session, Tokens(), "ci@p.iam", str(server.make_url("")))
         headers = {"Authorization": f"Bearer {make_token(tasks=[client.ids[0]])}"}
         response = await client.get(media_url(client, client.bucket, CLIP.key), headers=headers, allow_redirects=False)
     assert response.status == 503

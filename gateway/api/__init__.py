@@ -1,12 +1,17 @@
-"""The management API (admin tokens only): task import and lookup."""
+"""The management API (admin tokens only): tasks, source storages and their syncs, OpenAPI."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from .tasks import get_task, import_tasks
+from .openapi import openapi
+from .storages import add_storage_routes
+from .tasks import get_task, import_tasks, list_tasks
 
 
 def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/api/projects/{project_id}/import", import_tasks, name="api_import")
+    app.router.add_get("/api/projects/{project_id}/tasks", list_tasks, name="api_tasks")
     app.router.add_get(r"/api/tasks/{task_id:\d{1,18}}", get_task, name="api_task")
+    add_storage_routes(app)
+    app.router.add_get("/api/openapi.json", openapi, name="api_openapi")

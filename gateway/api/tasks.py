@@ -1,35 +1,31 @@
-"""Task endpoints: Label Studio task JSON in, task ids out; all or nothing per request."""
+"""Task endpoints: import (all or nothing per request), lookup, and a project's task list.
+
+With `?resolve=true` every gs:// URI in a task's data becomes the gateway's own resolve URL,
+as Label Studio's API answers, so a front end can use the data as it is.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from aiohttp import web
 
-from ..acl import Claims, token_from
-from ..errors import Refused, forbidden, unauthorized
+from ..errors import Refused
 from ..registry import BadTask, normalize_task
-from ..state import REGISTRY, SETTINGS, SUB, VERIFIER
+from ..state import CATALOG, REGISTRY
+from ..uris import encode_fileuri, resolve_uris
+from .auth import require_admin
 
-
-async def require_admin(request: web.Request) -> Claims:
-    """Admin tokens come only in the Authorization header: never cookies (CSRF) or URLs (logs)."""
-    token = token_from(request.app[SETTINGS].auth, request.headers, {}, {})
-    if token is None:
-        raise unauthorized("missing_token", "the management API needs an admin bearer token")
-    claims = await request.app[VERIFIER].verify(token)
-    request[SUB] = claims.sub
-    if not claims.admin:
-        raise forbidden("not_admin", 'the management API needs a token with "admin": true')
-    return claims
+MAX_PAGE_SIZE = 1000
 
 
 async def import_tasks(request: web.Request) -> web.Response:
     await require_admin(request)
     project = request.match_info["project_id"]
-    if not request.app[SETTINGS].storages_of(project):
-        raise Refused(404, "unknown_project", f"project {project} has no configured storage")
+    if not request.app[CATALOG].storages_of(project):
+        raise Refused(404, "unknown_project", f"project {project} has no storage")
     body = await request.read()
     try:
         # Large imports are parsed off the event loop so streams on this worker keep flowing.
@@ -50,4 +46,44 @@ async def get_task(request: web.Request) -> web.Response:
     task = await request.app[REGISTRY].get_task(int(request.match_info["task_id"]))
     if task is None:
         raise Refused(404, "unknown_task", "no such task")
-    return web.json_response(task)
+    return web.json_response(_resolved(task) if _flag(request, "resolve") else task)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """`?page=1&page_size=100&storage=<id>&key=<object key>&resolve=true`; `total` counts all matches."""
+    await require_admin(request)
+    project = request.match_info["project_id"]
+    page = _positive(request, "page", 1)
+    page_size = _positive(request, "page_size", 100)
+    if page_size > MAX_PAGE_SIZE:
+        raise Refused(400, "bad_parameter", f"page_size: at most {MAX_PAGE_SIZE}")
+    total, tasks = await request.app[REGISTRY].list_tasks(
+        project,
+        storage_id=request.query.get("storage"),
+        object_key=request.query.get("key"),
+        offset=(page - 1) * page_size,
+        limit=page_size,
+    )
+    if _flag(request, "resolve"):
+        tasks = [_resolved(task) for task in tasks]
+    return web.json_response(
+        {"total": total, "page": page, "page_size": page_size, "has_next": page * page_size < total, "tasks": tasks}
+    )
+
+
+def _resolved(task: dict[str, Any]) -> dict[str, Any]:
+    prefix = f"/tasks/{task['id']}/resolve/?fileuri="
+    return {**task, "data": resolve_uris(task["data"], lambda uri: prefix + encode_fileuri(uri))}
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _positive(request: web.Request, name: str, default: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise Refused(400, "bad_parameter", f"{name}: expected a positive integer")
+    return int(value)

@@ -1,13 +1,17 @@
-"""The task registry: Label Studio tasks and the gs:// URIs each one references.
+"""The registry: tasks and the gs:// URIs each one references, source storages created through
+the API, the objects each storage imported, and sync jobs.
 
-One small interface (`TaskRegistry`); `SqlTaskRegistry` implements it on SQLAlchemy so the same
-code serves SQLite (the default) and, later, PostgreSQL for several replicas.
+`SqlTaskRegistry` implements it on SQLAlchemy, so one code path serves SQLite (the default) and
+PostgreSQL (several replicas and workers); `TaskRegistry` is the small part the media path needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .sql import SqlTaskRegistry
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +21,15 @@ class TaskAccess:
     id: int
     project: str
     uris: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedObject:
+    """An object a sync imported: its generation then (None while unfinished), its task count."""
+
+    key: str
+    generation: str | None
+    task_count: int
 
 
 class TaskRegistry(Protocol):
@@ -52,7 +65,7 @@ def normalize_task(task: Any, position: int) -> dict[str, Any]:
     return {"data": task}
 
 
-def open_registry(url: str) -> TaskRegistry:
+def open_registry(url: str) -> SqlTaskRegistry:
     from .sql import SqlTaskRegistry
 
     return SqlTaskRegistry(url)

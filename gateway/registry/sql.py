@@ -1,53 +1,34 @@
-"""SQLAlchemy (async) implementation of the task registry."""
+"""SQLAlchemy (async) implementation of the registry: one code path for SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Column,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    event,
-    insert,
-    select,
-    text,
-)
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..uris import find_gs_uris
-from . import RegistryUnavailable, TaskAccess
-
-metadata = MetaData()
-
-tasks_table = Table(
-    "tasks",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("project", String(255), nullable=False),
-    Column("task", JSON, nullable=False),
-    Index("ix_tasks_project", "project"),
-)
-
-task_uris_table = Table(
-    "task_uris",
-    metadata,
-    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
-    Column("uri", Text, primary_key=True),
+from . import ImportedObject, RegistryUnavailable, TaskAccess
+from .migrate import upgrade
+from .schema import (
+    ACTIVE,
+    storage_objects_table,
+    storages_table,
+    sync_jobs_table,
+    task_uris_table,
+    tasks_table,
 )
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps counting
 
 
 def async_url(url: str) -> str:
@@ -56,10 +37,15 @@ def async_url(url: str) -> str:
     return str(parsed.set(drivername=driver)) if driver else url
 
 
+def empty_counters() -> dict[str, int]:
+    return dict.fromkeys(("listed", "created", "updated", "removed", "skipped", "errors"), 0)
+
+
 class SqlTaskRegistry:
     def __init__(self, url: str) -> None:
-        self._engine: AsyncEngine = create_async_engine(async_url(url))
-        if self._engine.dialect.name == "sqlite":
+        self._engine: AsyncEngine = create_async_engine(async_url(url), pool_pre_ping=True)
+        self.dialect = self._engine.dialect.name
+        if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         self._ready = False
         self._schema_lock = asyncio.Lock()
@@ -69,27 +55,31 @@ class SqlTaskRegistry:
             return
         async with self._schema_lock:
             if not self._ready:
-                async with self._engine.begin() as conn:
-                    await conn.run_sync(metadata.create_all)
+                async with _unavailable(), self._engine.begin() as conn:
+                    await conn.run_sync(upgrade)
                 self._ready = True
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        await self._ensure_schema()
+        async with _unavailable(), self._engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        await self._ensure_schema()
+        async with _unavailable(), self._engine.connect() as conn:
+            yield conn
+
+    # -- tasks -------------------------------------------------------------------------------
 
     async def add_tasks(self, project: str, tasks: list[dict[str, Any]]) -> list[int]:
         """Insert tasks in one transaction: all of them, or none."""
-        await self._ensure_schema()
-        ids: list[int] = []
-        async with self._engine.begin() as conn:
-            for task in tasks:
-                result = await conn.execute(insert(tasks_table).values(project=project, task=task))
-                task_id = result.inserted_primary_key[0]
-                uris = find_gs_uris(task["data"])
-                if uris:
-                    await conn.execute(insert(task_uris_table), [{"task_id": task_id, "uri": uri} for uri in uris])
-                ids.append(task_id)
-        return ids
+        async with self._begin() as conn:
+            return await _insert_tasks(conn, [{"project": project, "task": task} for task in tasks])
 
     async def task_access(self, task_id: int) -> TaskAccess | None:
-        await self._ensure_schema()
-        async with _unavailable(), self._engine.connect() as conn:
+        async with self._connect() as conn:
             project = (
                 await conn.execute(select(tasks_table.c.project).where(tasks_table.c.id == task_id))
             ).scalar_one_or_none()
@@ -101,29 +91,496 @@ class SqlTaskRegistry:
             return TaskAccess(task_id, project, frozenset(uris))
 
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
-        await self._ensure_schema()
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(select(tasks_table.c.project, tasks_table.c.task).where(tasks_table.c.id == task_id))
-            ).one_or_none()
-        if row is None:
-            return None
-        return {**row.task, "id": task_id, "project": row.project}
+        async with self._connect() as conn:
+            row = (await conn.execute(_task_select().where(tasks_table.c.id == task_id))).one_or_none()
+        return None if row is None else _task_dict(row)
+
+    async def list_tasks(
+        self,
+        project: str,
+        *,
+        storage_id: str | None = None,
+        object_key: str | None = None,
+        offset: int = 0,
+        limit: int = 100,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One page of a project's tasks (by id) and the total count matching the filters."""
+        where = [tasks_table.c.project == project]
+        if storage_id is not None:
+            where.append(tasks_table.c.storage_id == storage_id)
+        if object_key is not None:
+            where.append(tasks_table.c.object_key == object_key)
+        async with self._connect() as conn:
+            total = (await conn.execute(select(func.count()).select_from(tasks_table).where(*where))).scalar_one()
+            rows = await conn.execute(
+                _task_select().where(*where).order_by(tasks_table.c.id).offset(offset).limit(limit)
+            )
+            return total, [_task_dict(row) for row in rows]
 
     async def ping(self) -> None:
-        """Reachable, with the schema in place (created on first use)."""
-        await self._ensure_schema()
-        async with self._engine.connect() as conn:
+        """Reachable, with the schema in place (migrated on first use)."""
+        async with self._connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
         await self._engine.dispose()
+
+    # -- source storages created through the API ----------------------------------------------
+
+    async def create_storage(self, values: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        async with self._begin() as conn:
+            result = await conn.execute(insert(storages_table).values(**values, created_at=now, updated_at=now))
+            storage_id = result.inserted_primary_key[0]
+            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one()
+        return dict(row._mapping)
+
+    async def get_storage(self, storage_id: int) -> dict[str, Any] | None:
+        async with self._connect() as conn:
+            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one_or_none()
+        return None if row is None else dict(row._mapping)
+
+    async def list_storages(self) -> list[dict[str, Any]]:
+        async with self._connect() as conn:
+            rows = await conn.execute(select(storages_table).order_by(storages_table.c.id))
+            return [dict(row._mapping) for row in rows]
+
+    async def update_storage(self, storage_id: int, values: dict[str, Any]) -> dict[str, Any] | None:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                update(storages_table).where(storages_table.c.id == storage_id).values(**values, updated_at=time.time())
+            )
+            if result.rowcount == 0:
+                return None
+            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one()
+        return dict(row._mapping)
+
+    async def delete_storage(self, storage_id: int) -> bool:
+        """Forget a storage and its sync history; its tasks stay, detached (as Label Studio keeps them)."""
+        key = str(storage_id)
+        async with self._begin() as conn:
+            result = await conn.execute(delete(storages_table).where(storages_table.c.id == storage_id))
+            if result.rowcount == 0:
+                return False
+            await conn.execute(
+                update(tasks_table)
+                .where(tasks_table.c.storage_id == key)
+                .values(storage_id=None, object_key=None, row=None)
+            )
+            await conn.execute(delete(storage_objects_table).where(storage_objects_table.c.storage_id == key))
+            await conn.execute(delete(sync_jobs_table).where(sync_jobs_table.c.storage_id == key))
+        return True
+
+    # -- sync jobs -----------------------------------------------------------------------------
+
+    async def enqueue_job(self, storage_id: str) -> tuple[dict[str, Any], bool]:
+        """A queued job for the storage, or the one already queued or running (and False)."""
+        for _ in range(3):
+            async with self._connect() as conn:
+                active = (
+                    await conn.execute(
+                        select(sync_jobs_table).where(
+                            sync_jobs_table.c.storage_id == storage_id, sync_jobs_table.c.status.in_(ACTIVE)
+                        )
+                    )
+                ).one_or_none()
+            if active is not None:
+                return dict(active._mapping), False
+            try:
+                async with self._begin() as conn:
+                    result = await conn.execute(
+                        insert(sync_jobs_table).values(
+                            storage_id=storage_id,
+                            status="queued",
+                            created_at=time.time(),
+                            counters=empty_counters(),
+                            errors=[],
+                        )
+                    )
+                    job_id = result.inserted_primary_key[0]
+                    row = (await conn.execute(select(sync_jobs_table).where(sync_jobs_table.c.id == job_id))).one()
+                return dict(row._mapping), True
+            except IntegrityError:
+                pass  # another process queued one between our look and our insert: answer with it
+        raise RegistryUnavailable("could not queue a sync job")
+
+    async def claim_job(self, worker: str, storage_id: str | None = None) -> dict[str, Any] | None:
+        """Take the oldest queued job (of one storage, or any): safe with many workers.
+
+        The conditional UPDATE only succeeds for one claimant; on PostgreSQL, SKIP LOCKED lets
+        the others move on to the next job instead of waiting.
+        """
+        candidates = select(sync_jobs_table.c.id).where(sync_jobs_table.c.status == "queued")
+        if storage_id is not None:
+            candidates = candidates.where(sync_jobs_table.c.storage_id == storage_id)
+        candidates = candidates.order_by(sync_jobs_table.c.id).limit(1)
+        if self.dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        now = time.time()
+        async with self._begin() as conn:
+            job_id = (await conn.execute(candidates)).scalar_one_or_none()
+            if job_id is None:
+                return None
+            result = await conn.execute(
+                update(sync_jobs_table)
+                .where(sync_jobs_table.c.id == job_id, sync_jobs_table.c.status == "queued")
+                .values(
+                    status="running",
+                    worker=worker,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=sync_jobs_table.c.attempts + 1,
+                )
+            )
+            if result.rowcount != 1:
+                return None
+            row = (await conn.execute(select(sync_jobs_table).where(sync_jobs_table.c.id == job_id))).one()
+        return dict(row._mapping)
+
+    async def heartbeat(self, job_id: int, worker: str, counters: dict[str, int], errors: list[str]) -> bool:
+        """Record progress; False when the job is no longer this worker's (re-queued meanwhile)."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                update(sync_jobs_table)
+                .where(
+                    sync_jobs_table.c.id == job_id,
+                    sync_jobs_table.c.worker == worker,
+                    sync_jobs_table.c.status == "running",
+                )
+                .values(heartbeat_at=time.time(), counters=counters, errors=errors[:MAX_JOB_ERRORS])
+            )
+            return result.rowcount == 1
+
+    async def finish_job(
+        self,
+        job_id: int,
+        worker: str,
+        status: str,
+        counters: dict[str, int],
+        errors: list[str],
+        message: str | None = None,
+    ) -> bool:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                update(sync_jobs_table)
+                .where(
+                    sync_jobs_table.c.id == job_id,
+                    sync_jobs_table.c.worker == worker,
+                    sync_jobs_table.c.status == "running",
+                )
+                .values(
+                    status=status,
+                    finished_at=time.time(),
+                    counters=counters,
+                    errors=errors[:MAX_JOB_ERRORS],
+                    message=message,
+                )
+            )
+            return result.rowcount == 1
+
+    async def release_job(self, job_id: int, worker: str) -> None:
+        """A worker stopping hands its running job back to the queue."""
+        async with self._begin() as conn:
+            await conn.execute(
+                update(sync_jobs_table)
+                .where(sync_jobs_table.c.id == job_id, sync_jobs_table.c.worker == worker)
+                .where(sync_jobs_table.c.status == "running")
+                .values(status="queued", worker=None, heartbeat_at=None)
+            )
+
+    async def requeue_stale(self, stale_after: float, max_attempts: int) -> list[int]:
+        """Running jobs whose worker stopped heart-beating: queued again, or failed after
+        `max_attempts` claims (a sync that kills its worker every time must not loop forever)."""
+        cutoff = time.time() - stale_after
+        stale = and_(sync_jobs_table.c.status == "running", sync_jobs_table.c.heartbeat_at < cutoff)
+        async with self._begin() as conn:
+            rows = (await conn.execute(select(sync_jobs_table.c.id, sync_jobs_table.c.attempts).where(stale))).all()
+            for job_id, attempts in rows:
+                values: dict[str, Any] = {"worker": None, "heartbeat_at": None}
+                if attempts >= max_attempts:
+                    values.update(status="failed", finished_at=time.time(), message="the sync's worker died repeatedly")
+                else:
+                    values.update(status="queued")
+                await conn.execute(
+                    update(sync_jobs_table).where(sync_jobs_table.c.id == job_id, stale).values(**values)
+                )
+        return [job_id for job_id, _ in rows]
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        async with self._connect() as conn:
+            row = (await conn.execute(select(sync_jobs_table).where(sync_jobs_table.c.id == job_id))).one_or_none()
+        return None if row is None else dict(row._mapping)
+
+    async def latest_jobs(self, storage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The newest job of each storage; with it, the newest finished one under `last_finished`."""
+        ids = list(storage_ids)
+        if not ids:
+            return {}
+        newest = (
+            select(func.max(sync_jobs_table.c.id))
+            .where(sync_jobs_table.c.storage_id.in_(ids))
+            .group_by(sync_jobs_table.c.storage_id)
+        )
+        finished = (
+            select(func.max(sync_jobs_table.c.id))
+            .where(sync_jobs_table.c.storage_id.in_(ids), sync_jobs_table.c.finished_at.is_not(None))
+            .group_by(sync_jobs_table.c.storage_id)
+        )
+        async with self._connect() as conn:
+            rows = await conn.execute(
+                select(sync_jobs_table).where(or_(sync_jobs_table.c.id.in_(newest), sync_jobs_table.c.id.in_(finished)))
+            )
+            jobs: dict[str, dict[str, Any]] = {}
+            for row in sorted((dict(r._mapping) for r in rows), key=lambda job: job["id"]):
+                previous = jobs.get(row["storage_id"])
+                if previous is not None and previous["finished_at"] is not None:
+                    row["last_finished"] = previous
+                elif row["finished_at"] is not None:
+                    row["last_finished"] = row
+                jobs[row["storage_id"]] = row
+            return jobs
+
+    # -- what a sync writes ----------------------------------------------------------------------
+
+    async def imported_objects(self, storage_id: str, after: str | None, upto: str | None) -> list[ImportedObject]:
+        """Imported objects of a storage with `after < key <= upto` (None: unbounded), by key."""
+        where = [storage_objects_table.c.storage_id == storage_id]
+        if after is not None:
+            where.append(storage_objects_table.c.object_key > after)
+        if upto is not None:
+            where.append(storage_objects_table.c.object_key <= upto)
+        async with self._connect() as conn:
+            rows = await conn.execute(
+                select(
+                    storage_objects_table.c.object_key,
+                    storage_objects_table.c.generation,
+                    storage_objects_table.c.task_count,
+                )
+                .where(*where)
+                .order_by(storage_objects_table.c.object_key)
+            )
+            return [ImportedObject(*row) for row in rows]
+
+    async def import_objects(
+        self, storage_id: str, project: str, objects: list[tuple[str, str, dict[str, Any]]]
+    ) -> tuple[int, int]:
+        """Objects imported as one task each (key, generation, task), in one transaction.
+
+        A new key gets a task; a known key keeps its task id and gets the new data and
+        generation. Returns (created, updated).
+        """
+        if not objects:
+            return 0, 0
+        now = time.time()
+        keys = [key for key, _, _ in objects]
+        async with self._begin() as conn:
+            existing = dict(
+                (
+                    await conn.execute(
+                        select(tasks_table.c.object_key, tasks_table.c.id).where(
+                            tasks_table.c.storage_id == storage_id,
+                            tasks_table.c.object_key.in_(keys),
+                            tasks_table.c.row == 0,
+                        )
+                    )
+                ).all()
+            )
+            fresh = [(key, gen, task) for key, gen, task in objects if key not in existing]
+            await _insert_tasks(
+                conn,
+                [
+                    {
+                        "project": project,
+                        "task": task,
+                        "storage_id": storage_id,
+                        "object_key": key,
+                        "row": 0,
+                        "updated_at": now,
+                    }
+                    for key, _, task in fresh
+                ],
+            )
+            changed = [(existing[key], task) for key, _, task in objects if key in existing]
+            for task_id, task in changed:
+                await _replace_task(conn, task_id, task, now)
+            # Extra rows of an object that used to be a task file are removed.
+            await conn.execute(
+                delete(tasks_table).where(
+                    tasks_table.c.storage_id == storage_id, tasks_table.c.object_key.in_(keys), tasks_table.c.row > 0
+                )
+            )
+            await conn.execute(
+                delete(storage_objects_table).where(
+                    storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key.in_(keys)
+                )
+            )
+            await conn.execute(
+                insert(storage_objects_table),
+                [
+                    {"storage_id": storage_id, "object_key": key, "generation": gen, "task_count": 1}
+                    for key, gen, _ in objects
+                ],
+            )
+        return len(fresh), len(changed)
+
+    async def remove_objects(self, storage_id: str, keys: list[str]) -> int:
+        """Forget objects gone from the bucket (or the storage's scope); returns tasks removed."""
+        if not keys:
+            return 0
+        async with self._begin() as conn:
+            result = await conn.execute(
+                delete(tasks_table).where(tasks_table.c.storage_id == storage_id, tasks_table.c.object_key.in_(keys))
+            )
+            await conn.execute(
+                delete(storage_objects_table).where(
+                    storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key.in_(keys)
+                )
+            )
+            return result.rowcount
+
+    async def upsert_rows(
+        self,
+        storage_id: str,
+        project: str,
+        key: str,
+        rows: list[tuple[int, dict[str, Any]]],
+        bad_rows: list[int] = (),  # type: ignore[assignment]
+    ) -> tuple[int, int]:
+        """Rows of a task file, in one transaction: a known row keeps its task id. Returns
+        (created, updated); identical rows are not written.
+
+        The object is recorded as unfinished (generation NULL) until `finish_object`, so a
+        crash in the middle of a file leaves it to be imported again, never half-forgotten.
+        """
+        if not rows and not bad_rows:
+            return 0, 0
+        now = time.time()
+        numbers = [number for number, _ in rows]
+        async with self._begin() as conn:
+            known = {
+                row_number: (task_id, task)
+                for task_id, row_number, task in await conn.execute(
+                    select(tasks_table.c.id, tasks_table.c.row, tasks_table.c.task).where(
+                        tasks_table.c.storage_id == storage_id,
+                        tasks_table.c.object_key == key,
+                        tasks_table.c.row.in_(numbers),
+                    )
+                )
+            }
+            await _insert_tasks(
+                conn,
+                [
+                    {
+                        "project": project,
+                        "task": task,
+                        "storage_id": storage_id,
+                        "object_key": key,
+                        "row": number,
+                        "updated_at": now,
+                    }
+                    for number, task in rows
+                    if number not in known
+                ],
+            )
+            updated = 0
+            for number, task in rows:
+                if number in known and known[number][1] != task:
+                    await _replace_task(conn, known[number][0], task, now)
+                    updated += 1
+            await conn.execute(
+                update(storage_objects_table)
+                .where(storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key)
+                .values(generation=None)
+            )
+            if bad_rows:  # a row that became malformed no longer holds a task
+                await conn.execute(
+                    delete(tasks_table).where(
+                        tasks_table.c.storage_id == storage_id,
+                        tasks_table.c.object_key == key,
+                        tasks_table.c.row.in_(bad_rows),
+                    )
+                )
+            upsert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+            await conn.execute(
+                upsert(storage_objects_table)
+                .values(storage_id=storage_id, object_key=key, generation=None, task_count=0)
+                .on_conflict_do_nothing()
+            )
+        return len(rows) - len(known), updated
+
+    async def finish_object(self, storage_id: str, key: str, generation: str, row_count: int) -> int:
+        """A task file read to its end: rows beyond it are removed, the generation recorded.
+        Returns the number of tasks removed."""
+        async with self._begin() as conn:
+            result = await conn.execute(
+                delete(tasks_table).where(
+                    tasks_table.c.storage_id == storage_id,
+                    tasks_table.c.object_key == key,
+                    tasks_table.c.row >= row_count,
+                )
+            )
+            values = {"generation": generation, "task_count": row_count}
+            found = await conn.execute(
+                update(storage_objects_table)
+                .where(storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key)
+                .values(**values)
+            )
+            if found.rowcount == 0:
+                await conn.execute(
+                    insert(storage_objects_table).values(storage_id=storage_id, object_key=key, **values)
+                )
+            return result.rowcount
+
+
+async def _insert_tasks(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert tasks and index their gs:// URIs; ids in the order given."""
+    if not rows:
+        return []
+    result = await conn.execute(insert(tasks_table).returning(tasks_table.c.id, sort_by_parameter_order=True), rows)
+    ids = list(result.scalars())
+    uris = [
+        {"task_id": task_id, "uri": uri}
+        for task_id, row in zip(ids, rows, strict=True)
+        for uri in find_gs_uris(row["task"]["data"])
+    ]
+    if uris:
+        await conn.execute(insert(task_uris_table), uris)
+    return ids
+
+
+async def _replace_task(conn: AsyncConnection, task_id: int, task: dict[str, Any], now: float) -> None:
+    await conn.execute(update(tasks_table).where(tasks_table.c.id == task_id).values(task=task, updated_at=now))
+    await conn.execute(delete(task_uris_table).where(task_uris_table.c.task_id == task_id))
+    uris = find_gs_uris(task["data"])
+    if uris:
+        await conn.execute(insert(task_uris_table), [{"task_id": task_id, "uri": uri} for uri in uris])
+
+
+def _task_select():  # type: ignore[no-untyped-def]
+    return select(
+        tasks_table.c.id,
+        tasks_table.c.project,
+        tasks_table.c.task,
+        tasks_table.c.storage_id,
+        tasks_table.c.object_key,
+        tasks_table.c.row,
+    )
+
+
+def _task_dict(row: Any) -> dict[str, Any]:
+    task = {**row.task, "id": row.id, "project": row.project}
+    if row.storage_id is not None:
+        task["storage_filename"] = row.object_key  # Label Studio's name for the source object
+        task["storage"] = {"id": row.storage_id, "key": row.object_key, "row": row.row}
+    return task
 
 
 @asynccontextmanager
 async def _unavailable() -> AsyncIterator[None]:
     try:
         yield
+    except (IntegrityError, ProgrammingError, DataError):
+        raise  # the statement's fault, not the database's availability
     except (SQLAlchemyError, OSError) as exc:
         raise RegistryUnavailable(type(exc).__name__) from exc
 
@@ -133,5 +590,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=5000")  # first, so switching to WAL may wait too
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL keeps commits durable against crashes of the process
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -7,19 +7,23 @@ from typing import Any
 
 import aiohttp
 
-from ..config import ConfigError, Settings
-from .base import Backend, ObjectMeta, ObjectReader, StorageError
+from ..config import ConfigError, Settings, StorageSettings
+from .base import Backend, BucketNotFound, ListedObject, ObjectMeta, ObjectReader, StorageError
 from .credentials import AccessTokens, CredentialsError, load_credentials
 from .gcs import PUBLIC_ENDPOINT, GcsBackend, emulator_endpoint
 from .local import LocalBackend
 
 __all__ = [
     "Backend",
+    "BucketNotFound",
+    "CredentialsError",
+    "ListedObject",
     "ObjectMeta",
     "ObjectReader",
     "StorageError",
-    "build_backends",
+    "build_backend",
     "client_session",
+    "load_storage_credential",
     "load_storage_credentials",
     "storage_endpoint",
 ]
@@ -39,26 +43,21 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-def build_backends(
+def build_backend(
     settings: Settings,
+    storage: StorageSettings,
     session: aiohttp.ClientSession | None,
-    credentials: dict[str, Any],
+    credentials: Any,
     env: dict[str, str] | None = None,
-) -> dict[str, Backend]:
-    """One backend per storage id; `credentials` from `load_storage_credentials`."""
+) -> Backend:
+    """The backend of one storage; `credentials` from `load_storage_credential` (None: emulator)."""
     env = dict(os.environ if env is None else env)
-    emulator = env.get("STORAGE_EMULATOR_HOST")
-    endpoint = storage_endpoint(env)
-    backends: dict[str, Backend] = {}
-    for storage in settings.storages:
-        if storage.type == "local":
-            assert storage.root is not None
-            backends[storage.id] = LocalBackend(storage.root, settings.media.chunk_size)
-        else:
-            assert session is not None, "gcs storages need the upstream session"
-            tokens = None if emulator else AccessTokens(credentials[storage.id])
-            backends[storage.id] = GcsBackend(session, endpoint, storage.bucket, tokens, settings.upstream)
-    return backends
+    if storage.type == "local":
+        assert storage.root is not None
+        return LocalBackend(storage.root, settings.media.chunk_size)
+    assert session is not None, "gcs storages need the upstream session"
+    tokens = None if env.get("STORAGE_EMULATOR_HOST") else AccessTokens(credentials)
+    return GcsBackend(session, storage_endpoint(env), storage.bucket, tokens, settings.upstream)
 
 
 def storage_endpoint(env: dict[str, str]) -> str:
@@ -73,14 +72,20 @@ def load_storage_credentials(settings: Settings, env: dict[str, str] | None = No
     With STORAGE_EMULATOR_HOST set the API needs none, but a presign storage still needs an
     identity to sign with.
     """
-    env = dict(os.environ if env is None else env)
-    emulator = bool(env.get("STORAGE_EMULATOR_HOST"))
     loaded: dict[str, Any] = {}
     for storage in settings.storages:
-        if storage.type != "gcs" or (emulator and not storage.presign):
-            continue
         try:
-            loaded[storage.id] = load_credentials(storage.google_application_credentials, storage.google_project_id)
+            credentials = load_storage_credential(storage, env)
         except CredentialsError as exc:
             raise ConfigError(f"[[storages]] id={storage.id!r}.google_application_credentials: {exc}") from None
+        if credentials is not None:
+            loaded[storage.id] = credentials
     return loaded
+
+
+def load_storage_credential(storage: StorageSettings, env: dict[str, str] | None = None) -> Any:
+    """The storage's google-auth credentials, or None where none are needed (local, emulator)."""
+    env = dict(os.environ if env is None else env)
+    if storage.type != "gcs" or (env.get("STORAGE_EMULATOR_HOST") and not storage.presign):
+        return None
+    return load_credentials(storage.google_application_credentials, storage.google_project_id)

@@ -24,6 +24,15 @@ class ObjectMeta:
     content_encoding: str | None = None  # as stored ("gzip"); passed through, never decoded
 
 
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """One object of a bucket listing; the generation changes whenever the content does."""
+
+    key: str
+    generation: str
+    size: int
+
+
 class ObjectReader(Protocol):
     """An open download: the object's metadata, the span it delivers, then its bytes."""
 
@@ -48,6 +57,12 @@ class Backend(Protocol):
     async def check(self) -> None:
         """Raise StorageError unless the bucket can be reached with the configured access."""
 
+    async def list_page(
+        self, prefix: str, recursive: bool, page_token: str | None, page_size: int
+    ) -> tuple[list[ListedObject], str | None]:
+        """One page of the objects under `prefix` in byte order of their keys, and the token
+        of the next page (None after the last). Not recursive: only the prefix's own level."""
+
     async def close(self) -> None: ...
 
 
@@ -69,6 +84,11 @@ class RangeNotSatisfiable(StorageError):
     status = 416
     reason = "range_not_satisfiable"
     public_message = "the requested range lies outside the object"
+
+
+class BucketNotFound(StorageError):
+    status = 404
+    reason = "bucket_not_found"
 
 
 class UpstreamDenied(StorageError):

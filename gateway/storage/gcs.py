@@ -27,6 +27,8 @@ from .. import metrics
 from ..config import UpstreamSettings
 from ..httpsem import ByteRange
 from .base import (
+    BucketNotFound,
+    ListedObject,
     ObjectMeta,
     ObjectNotFound,
     RangeNotSatisfiable,
@@ -40,6 +42,7 @@ from .credentials import AccessTokens
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _META_FIELDS = "size,generation,updated,contentType,contentEncoding"
+_LIST_FIELDS = "items(name,generation,size),nextPageToken"
 _RETRYABLE = frozenset({408, 429})  # and every 5xx: GCS asks clients to retry these with backoff
 
 
@@ -64,7 +67,7 @@ class GcsBackend:
         self._list_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o"
         self._tokens = tokens
         self._upstream = upstream
-        self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in ("stat", "open", "check")}
+        self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in ("stat", "open", "check", "list")}
         self._ttfb = metrics.UPSTREAM_TTFB.labels(self.name)
         self._retries = metrics.UPSTREAM_RETRIES.labels(self.name)
 
@@ -115,8 +118,38 @@ class GcsBackend:
     async def check(self) -> None:
         response = await self._request("check", URL(f"{self._list_url}?maxResults=1&fields=kind", encoded=True))
         async with response:
+            if response.status == 404:
+                raise BucketNotFound("the bucket does not exist")
             if response.status != 200:
                 raise _status_error(response.status, "(bucket listing)")
+
+    async def list_page(
+        self, prefix: str, recursive: bool, page_token: str | None, page_size: int
+    ) -> tuple[list[ListedObject], str | None]:
+        query = {"prefix": prefix, "maxResults": str(page_size), "fields": _LIST_FIELDS}
+        if not recursive:
+            query["delimiter"] = "/"
+        if page_token:
+            query["pageToken"] = page_token
+        response = await self._request("list", URL(self._list_url).with_query(query))
+        async with response:
+            if response.status == 404:
+                raise BucketNotFound("the bucket does not exist")
+            if response.status != 200:
+                raise _status_error(response.status, "(bucket listing)")
+            try:
+                body = await response.json(content_type=None)
+                items = [
+                    ListedObject(item["name"], str(item["generation"]), int(item.get("size", 0)))
+                    for item in body.get("items", ())
+                ]
+                return items, body.get("nextPageToken") or None
+            except TimeoutError:
+                raise UpstreamTimeout("storage did not finish the listing in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("storage connection failed while listing") from None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise StorageError("storage answered with a malformed listing") from None
 
     async def close(self) -> None:
         pass  # the session belongs to the application

@@ -12,12 +12,14 @@ import asyncio
 import mimetypes
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ..httpsem import ByteRange
 from .base import (
+    BucketNotFound,
+    ListedObject,
     ObjectMeta,
     ObjectNotFound,
     RangeNotSatisfiable,
@@ -86,6 +88,51 @@ class LocalBackend:
 
     async def close(self) -> None:
         pass
+
+    async def list_page(
+        self, prefix: str, recursive: bool, page_token: str | None, page_size: int
+    ) -> tuple[list[ListedObject], str | None]:
+        return await asyncio.to_thread(self._list_page, prefix, recursive, page_token, page_size)
+
+    def _list_page(
+        self, prefix: str, recursive: bool, page_token: str | None, page_size: int
+    ) -> tuple[list[ListedObject], str | None]:
+        """The page after key `page_token` (a demo and test backend: each page walks again)."""
+        if not self._root.is_dir():
+            raise BucketNotFound(f"directory {self._root} does not exist")
+        page: list[ListedObject] = []
+        for key, st in self._walk(self._root, "", prefix, recursive):
+            if page_token is not None and key.encode() <= page_token.encode():
+                continue
+            if len(page) == page_size:
+                return page, page[-1].key
+            page.append(ListedObject(key, f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}", st.st_size))
+        return page, None
+
+    def _walk(self, directory: Path, base: str, prefix: str, recursive: bool) -> Iterator[tuple[str, os.stat_result]]:
+        """Regular files below `directory` whose keys start with `prefix`, in byte order of keys.
+
+        Siblings sort by name, a directory's name taken with its '/' so that 'a.txt' < 'a/x'.
+        """
+        try:
+            entries = [(entry, entry.is_dir(follow_symlinks=False)) for entry in os.scandir(directory)]
+        except OSError:
+            return
+        entries.sort(key=lambda item: (item[0].name + "/" if item[1] else item[0].name).encode())
+        for entry, is_dir in entries:
+            key = base + entry.name
+            if is_dir:
+                folder = key + "/"
+                inside = folder.startswith(prefix)
+                if prefix.startswith(folder) or (inside and recursive):
+                    yield from self._walk(Path(entry.path), folder, prefix, recursive)
+            elif key.startswith(prefix) and (recursive or "/" not in key[len(prefix) :]):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield key, st
 
 
 class LocalReader:

@@ -1,0 +1,439 @@
+"""Source storages (`/api/storages/gcs`), as Label Studio's "Add Source Storage" names things.
+
+Storages from the config file are listed beside those created here but change only with the
+file. `google_application_credentials` is write-only: accepted, checked, encrypted at rest,
+reported only as `has_credentials`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from ..config import BUCKET_RE, StorageSettings, normalize_prefix
+from ..errors import Refused
+from ..registry.sql import empty_counters
+from ..signer import SigningError, build_signer, resolve_identity
+from ..state import CATALOG, REGISTRY, SYNC_WORKER
+from ..storage import BucketNotFound, StorageError, build_backend, load_storage_credential
+from ..storage.base import UpstreamDenied
+from ..storage.credentials import CredentialsError
+from ..sync.engine import preview
+from .auth import require_admin
+
+SECRET = "google_application_credentials"
+_READ_ONLY = frozenset(
+    {
+        "id",
+        "type",
+        "source",
+        "status",
+        "last_sync",
+        "last_sync_count",
+        "last_sync_job",
+        "meta",
+        "created_at",
+        "updated_at",
+        "has_credentials",
+        "problem",
+        "synchronizable",
+    }
+)
+_DEFAULTS: dict[str, Any] = {
+    "title": "",
+    "description": "",
+    "prefix": "",
+    "regex_filter": "",
+    "use_blob_urls": True,
+    "recursive_scan": False,
+    "presign": False,
+    "presign_ttl": 15,
+    "data_key": "$undefined$",
+    "sync_interval": 0,
+    "google_project_id": None,
+}
+_STATUS = {"queued": "queued", "running": "in_progress"}
+
+
+class Invalid(Refused):
+    """400 with Label Studio's `validation_errors` shape: {field: [message]}."""
+
+    def __init__(self, errors: dict[str, str], reason: str = "validation_error") -> None:
+        field, message = next(iter(errors.items()))
+        details = {"validation_errors": {name: [text] for name, text in errors.items()}}
+        super().__init__(400, reason, f"{field}: {message}", details)
+
+
+def add_storage_routes(app: web.Application) -> None:
+    base = "/api/storages/gcs"
+    one = base + r"/{storage_id:[A-Za-z0-9._-]+}"
+    app.router.add_get(base, list_storages, name="api_storages")
+    app.router.add_post(base, create_storage, name="api_storage_create")
+    app.router.add_post(base + "/validate", validate_storage, name="api_storage_validate")
+    app.router.add_get(one, get_storage, name="api_storage")
+    app.router.add_patch(one, update_storage, name="api_storage_update")
+    app.router.add_delete(one, delete_storage, name="api_storage_delete")
+    app.router.add_post(one + "/preview", preview_storage, name="api_storage_preview")
+    app.router.add_post(one + "/sync", sync_storage, name="api_storage_sync")
+
+
+# -- representation --------------------------------------------------------------------------
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def represent(storage: StorageSettings, job: dict[str, Any] | None, row: dict[str, Any] | None, problem: str | None):  # type: ignore[no-untyped-def]
+    finished = (job or {}).get("last_finished")
+    answer: dict[str, Any] = {
+        "id": int(storage.id) if storage.from_api else storage.id,
+        "type": "gcs" if storage.type == "gcs" else storage.type,
+        "source": "api" if storage.from_api else "config",
+        "project": storage.project,
+        "title": storage.title,
+        "description": storage.description,
+        "bucket": storage.bucket,
+        "prefix": storage.prefix,
+        "regex_filter": storage.regex_filter,
+        "use_blob_urls": storage.use_blob_urls,
+        "recursive_scan": storage.recursive_scan,
+        "presign": storage.presign,
+        "presign_ttl": storage.presign_ttl,
+        "google_project_id": storage.google_project_id,
+        "data_key": storage.data_key,
+        "sync_interval": storage.sync_interval,
+        "has_credentials": bool(storage.google_application_credentials),
+        "created_at": _iso(row["created_at"]) if row else None,
+        "updated_at": _iso(row["updated_at"]) if row else None,
+        "status": "initialized" if job is None else _STATUS.get(job["status"], job["status"]),
+        "last_sync": _iso(finished["finished_at"]) if finished else None,
+        "last_sync_count": finished["counters"]["created"] if finished else None,
+        "last_sync_job": job["id"] if job else None,
+        "meta": _job_meta(job),
+        "problem": problem,
+    }
+    return answer
+
+
+def _job_meta(job: dict[str, Any] | None) -> dict[str, Any]:
+    if job is None:
+        return {**empty_counters(), "errors_sample": [], "message": None}
+    return {
+        **job["counters"],
+        "errors_sample": job["errors"],
+        "message": job["message"],
+        "queued_at": _iso(job["created_at"]),
+        "started_at": _iso(job["started_at"]),
+        "finished_at": _iso(job["finished_at"]),
+        "heartbeat_at": _iso(job["heartbeat_at"]),
+        "attempts": job["attempts"],
+    }
+
+
+async def _represent_all(request: web.Request, storages: list[StorageSettings]) -> list[dict[str, Any]]:
+    registry, catalog = request.app[REGISTRY], request.app[CATALOG]
+    jobs = await registry.latest_jobs(s.id for s in storages)
+    rows = {str(r["id"]): r for r in await registry.list_storages()} if any(s.from_api for s in storages) else {}
+    return [represent(s, jobs.get(s.id), rows.get(s.id), catalog.problems.get(s.id)) for s in storages]
+
+
+def _storage(request: web.Request) -> StorageSettings:
+    storage = request.app[CATALOG].get(request.match_info["storage_id"])
+    if storage is None:
+        raise Refused(404, "unknown_storage", "no such storage")
+    return storage
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def list_storages(request: web.Request) -> web.Response:
+    await require_admin(request)
+    await request.app[CATALOG].refresh()
+    project = request.query.get("project")
+    storages = [s for s in request.app[CATALOG].all() if project is None or s.project == project]
+    return web.json_response(await _represent_all(request, storages))
+
+
+async def get_storage(request: web.Request) -> web.Response:
+    await require_admin(request)
+    await request.app[CATALOG].refresh()
+    [answer] = await _represent_all(request, [_storage(request)])
+    return web.json_response(answer)
+
+
+async def create_storage(request: web.Request) -> web.Response:
+    await require_admin(request)
+    values = await _checked(request, await _body(request), partial=False)
+    values.pop("_plain_credentials", None)
+    row = await request.app[REGISTRY].create_storage(values)
+    await request.app[CATALOG].refresh()
+    storage = request.app[CATALOG].get(str(row["id"]))
+    assert storage is not None
+    return web.json_response(represent(storage, None, row, request.app[CATALOG].problems.get(storage.id)), status=201)
+
+
+async def update_storage(request: web.Request) -> web.Response:
+    await require_admin(request)
+    storage = _api_storage(request)
+    values = await _checked(request, await _body(request), partial=True, current=storage)
+    values.pop("_plain_credentials", None)
+    if await request.app[REGISTRY].update_storage(int(storage.id), values) is None:
+        raise Refused(404, "unknown_storage", "no such storage")
+    await request.app[CATALOG].refresh()
+    return await get_storage(request)
+
+
+async def delete_storage(request: web.Request) -> web.Response:
+    await require_admin(request)
+    storage = _api_storage(request)
+    job = (await request.app[REGISTRY].latest_jobs([storage.id])).get(storage.id)
+    if job is not None and job["status"] == "running":
+        raise Refused(409, "sync_running", "a sync of this storage is running; delete it when the sync ends")
+    await request.app[REGISTRY].delete_storage(int(storage.id))
+    await request.app[CATALOG].refresh()
+    return web.Response(status=204)
+
+
+async def validate_storage(request: web.Request) -> web.Response:
+    """ "Test connection": the fields, the credentials, then the bucket with a one-object listing."""
+    await require_admin(request)
+    body = await _body(request)
+    current = None
+    if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
+        current = request.app[CATALOG].get(str(body["id"]))
+        if current is None:
+            raise Refused(404, "unknown_storage", "no such storage")
+    values = await _checked(
+        request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None, current=current
+    )
+    storage = _as_settings(values, current)
+    await _try_connection(request, storage)
+    return web.json_response({"ok": True, "message": f"bucket {storage.bucket} can be listed with these settings"})
+
+
+async def preview_storage(request: web.Request) -> web.Response:
+    await require_admin(request)
+    storage = _storage(request)
+    body = await _body(request, allow_empty=True)
+    limit = body.get("limit", 20)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
+        raise Invalid({"limit": "expected an integer from 1 to 100"})
+    try:
+        answer = await preview(storage, request.app[CATALOG].backend(storage), limit)
+    except StorageError as exc:
+        raise _connection_refusal(exc, storage) from None
+    return web.json_response(answer)
+
+
+async def sync_storage(request: web.Request) -> web.Response:
+    """ "Sync": queue a sync (or join the one queued or running) and answer with the storage."""
+    await require_admin(request)
+    storage = _storage(request)
+    await request.app[REGISTRY].enqueue_job(storage.id)
+    worker = request.app[SYNC_WORKER]
+    if worker is not None:
+        worker.wake()
+    [answer] = await _represent_all(request, [storage])
+    return web.json_response(answer, status=202)
+
+
+# -- field checks ------------------------------------------------------------------------------
+
+
+def _api_storage(request: web.Request) -> StorageSettings:
+    storage = _storage(request)
+    if not storage.from_api:
+        raise Refused(409, "declared_in_config", "this storage is declared in the config file; change it there")
+    return storage
+
+
+async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip() and allow_empty:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "bad_json", "the body must be a JSON object")
+    return body
+
+
+async def _checked(
+    request: web.Request, body: dict[str, Any], *, partial: bool, current: StorageSettings | None = None
+) -> dict[str, Any]:
+    """The storage's column values from a request body; every problem named by its field."""
+    errors: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for key in body:
+        if key not in _DEFAULTS and key not in ("project", "bucket", SECRET) and key not in _READ_ONLY:
+            errors[key] = "unknown field"
+    fields = {k: v for k, v in body.items() if k not in _READ_ONLY}
+    if not partial:
+        fields = {**_DEFAULTS, **fields}
+        for required in ("project", "bucket"):
+            if required not in fields:
+                errors[required] = "this field is required"
+
+    def text(name: str, limit: int = 255, allow_none: bool = False) -> None:
+        if name not in fields:
+            return
+        value = fields[name]
+        if value is None and allow_none:
+            values[name] = None
+        elif isinstance(value, int) and not isinstance(value, bool) and name == "project":
+            values[name] = str(value)
+        elif not isinstance(value, str):
+            errors[name] = "expected a string"
+        elif len(value) > limit:
+            errors[name] = f"at most {limit} characters"
+        else:
+            values[name] = value
+
+    def flag(name: str) -> None:
+        if name in fields:
+            if isinstance(fields[name], bool):
+                values[name] = fields[name]
+            else:
+                errors[name] = "expected true or false"
+
+    def number(name: str, low: int, high: int) -> None:
+        if name in fields:
+            value = fields[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                errors[name] = f"expected an integer from {low} to {high}"
+            else:
+                values[name] = value
+
+    text("project")
+    text("title")
+    text("description", 10000)
+    text("bucket")
+    text("prefix", 1024)
+    text("regex_filter", 1024)
+    text("data_key")
+    text("google_project_id", allow_none=True)
+    for name in ("use_blob_urls", "recursive_scan", "presign"):
+        flag(name)
+    number("presign_ttl", 1, 10080)
+    number("sync_interval", 0, 7 * 24 * 3600)
+    if values.get("project") == "":
+        errors["project"] = "must not be empty"
+    if "bucket" in values and not BUCKET_RE.fullmatch(values["bucket"]):
+        errors["bucket"] = "not a valid bucket name (3-222 characters: a-z, 0-9, '.', '-', '_')"
+    if "prefix" in values:
+        if values["prefix"].startswith("/"):
+            errors["prefix"] = "must not start with '/'"
+        values["prefix"] = normalize_prefix(values["prefix"])
+    if "regex_filter" in values:
+        try:
+            re.compile(values["regex_filter"])
+        except re.error as exc:
+            errors["regex_filter"] = f"not a valid regular expression ({exc})"
+    if "data_key" in values and not values["data_key"].strip():
+        errors["data_key"] = "must not be empty"
+    if SECRET in fields:
+        await _check_credentials(request, fields[SECRET], fields.get("google_project_id"), values, errors)
+    if errors:
+        raise Invalid(errors)
+    return values
+
+
+async def _check_credentials(
+    request: web.Request, value: Any, project_id: Any, values: dict[str, Any], errors: dict[str, str]
+) -> None:
+    """Parse the credentials (never echoing them) and encrypt them for storage."""
+    if value is None or value == "":
+        values["credentials"] = None  # Application Default Credentials
+        return
+    if not isinstance(value, str):
+        if isinstance(value, dict):  # a parsed JSON key is accepted as well
+            value = json.dumps(value)
+        else:
+            errors[SECRET] = "expected the JSON key file's content as a string"
+            return
+    if not value.lstrip().startswith("{"):
+        errors[SECRET] = "expected the content of a JSON credentials file (paths are accepted only in the config file)"
+        return
+    probe = StorageSettings(
+        id="probe",
+        project="-",
+        type="gcs",
+        bucket="probe",
+        google_application_credentials=value,
+        google_project_id=project_id if isinstance(project_id, str) else None,
+        presign=True,
+    )
+    try:
+        await asyncio.to_thread(load_storage_credential, probe, {})
+    except CredentialsError as exc:
+        errors[SECRET] = f"these credentials cannot be used: {exc}"
+        return
+    vault = request.app[CATALOG].vault
+    if not vault.enabled:
+        errors[SECRET] = "the server cannot store credentials: set [registry].encryption_keys in its config"
+        return
+    values["credentials"] = vault.seal(value)
+    values["_plain_credentials"] = value  # for a connection test; never stored
+
+
+def _as_settings(values: dict[str, Any], current: StorageSettings | None) -> StorageSettings:
+    merged: dict[str, Any] = (
+        {}
+        if current is None
+        else {
+            "project": current.project,
+            "bucket": current.bucket,
+            **{name: getattr(current, name) for name in _DEFAULTS},
+            SECRET: current.google_application_credentials,
+        }
+    )
+    merged.update({k: v for k, v in values.items() if k in _DEFAULTS or k in ("project", "bucket")})
+    if "_plain_credentials" in values or "credentials" in values:
+        merged[SECRET] = values.get("_plain_credentials")
+    return StorageSettings(id=current.id if current else "validate", type="gcs", **merged)
+
+
+async def _try_connection(request: web.Request, storage: StorageSettings) -> None:
+    catalog = request.app[CATALOG]
+    try:
+        credentials = await asyncio.to_thread(load_storage_credential, storage, None)
+    except CredentialsError as exc:
+        raise Invalid({SECRET: f"these credentials cannot be used: {exc}"}, "bad_credentials") from None
+    backend = build_backend(catalog.settings, storage, catalog.session, credentials)
+    try:
+        await backend.list_page(storage.prefix, storage.recursive_scan, None, 1)
+    except StorageError as exc:
+        raise _connection_refusal(exc, storage) from None
+    if storage.presign and credentials is not None:
+        try:
+            signer, token_source = build_signer(credentials, catalog.session, catalog.settings.upstream.iam_endpoint)
+            if token_source is not None:
+                await resolve_identity(signer, *token_source)
+        except SigningError as exc:
+            raise Invalid({"presign": f"these credentials cannot sign URLs: {exc}"}, "cannot_sign") from None
+
+
+def _connection_refusal(exc: StorageError, storage: StorageSettings) -> Refused:
+    if isinstance(exc, BucketNotFound):
+        return Invalid({"bucket": f"bucket {storage.bucket!r} does not exist"}, "bucket_not_found")
+    if isinstance(exc, UpstreamDenied):
+        if "access token" in str(exc):
+            message = "these credentials could not get an access token from Google (revoked or disabled key?)"
+            return Invalid({SECRET: message}, "bad_credentials")
+        message = (
+            f"the credentials may not list bucket {storage.bucket!r}: they need the storage.objects.list "
+            "and storage.objects.get permissions (e.g. roles/storage.objectViewer)"
+        )
+        return Invalid({SECRET: message}, "permission_denied")
+    return Refused(exc.status if exc.status >= 500 else 502, exc.reason, exc.public_message or str(exc))

@@ -1,0 +1,173 @@
+"""Every storage the gateway knows: those of the config file and those created through the API.
+
+Config-file storages are fixed at start-up (a bad one stops the gateway). API storages live in
+the registry; each process reloads them every `[registry] storage_refresh` seconds and at once
+after its own API changes, so a storage created through one replica is served by all of them
+shortly after. Media requests only read the in-memory snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import aiohttp
+
+from .config import ConfigError, Settings, StorageSettings
+from .registry.sql import SqlTaskRegistry
+from .signer import Signer, SigningError, build_signer, resolve_identity
+from .storage import Backend, StorageError, build_backend, load_storage_credential
+from .storage.credentials import CredentialsError
+from .vault import Vault, VaultError
+
+log = logging.getLogger("gateway.catalog")
+
+
+class StorageUnavailable(StorageError):
+    status = 503
+    reason = "storage_unavailable"
+    public_message = "the storage cannot be used right now (see the storage's status)"
+
+
+def storage_from_row(row: dict[str, Any], vault: Vault) -> StorageSettings:
+    """An API storage row as settings; the credentials are decrypted here and nowhere else."""
+    credentials = vault.open(row["credentials"]) if row.get("credentials") else None
+    return StorageSettings(
+        id=str(row["id"]),
+        project=row["project"],
+        type="gcs",
+        bucket=row["bucket"],
+        prefix=row["prefix"],
+        presign=row["presign"],
+        presign_ttl=row["presign_ttl"],
+        google_application_credentials=credentials,
+        google_project_id=row["google_project_id"],
+        title=row["title"],
+        description=row["description"],
+        regex_filter=row["regex_filter"],
+        use_blob_urls=row["use_blob_urls"],
+        recursive_scan=row["recursive_scan"],
+        data_key=row["data_key"],
+        sync_interval=row["sync_interval"],
+    )
+
+
+class StorageCatalog:
+    def __init__(self, settings: Settings, registry: SqlTaskRegistry, vault: Vault) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.vault = vault
+        self._config = {s.id: s for s in settings.storages}
+        self._api: dict[str, tuple[float, StorageSettings]] = {}  # id -> (updated_at, settings)
+        self._backends: dict[str, Backend] = {}
+        self.signers: dict[str, Signer] = {}
+        self.problems: dict[str, str] = {}  # API storage id -> why it cannot be used
+        self._by_project: dict[str, tuple[StorageSettings, ...]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._env = dict(os.environ)
+        self._lock = asyncio.Lock()
+        self._index()
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        return self._session
+
+    async def start(self, session: aiohttp.ClientSession | None) -> None:
+        """Backends and signers of the config storages (errors stop start-up), then API ones."""
+        self._session = session
+        for storage in self._config.values():
+            try:
+                await self._build(storage)
+            except (CredentialsError, SigningError) as exc:
+                field = "presign" if isinstance(exc, SigningError) else "google_application_credentials"
+                raise ConfigError(f"[[storages]] id={storage.id!r}.{field}: {exc}") from None
+        await self.refresh()
+
+    async def _build(self, storage: StorageSettings) -> None:
+        credentials = await asyncio.to_thread(load_storage_credential, storage, self._env)
+        backend = build_backend(self.settings, storage, self._session, credentials, self._env)
+        if storage.presign:
+            assert self._session is not None
+            signer, token_source = build_signer(credentials, self._session, self.settings.upstream.iam_endpoint)
+            if token_source is not None:
+                await resolve_identity(signer, *token_source)
+            self.signers[storage.id] = signer
+        else:
+            self.signers.pop(storage.id, None)
+        self._backends[storage.id] = backend
+
+    async def refresh(self) -> None:
+        """Reload API storages from the registry; rebuild those that changed."""
+        async with self._lock:
+            rows = {str(row["id"]): row for row in await self.registry.list_storages()}
+            for storage_id in set(self._api) - set(rows):
+                self._forget(storage_id)
+            for storage_id, row in rows.items():
+                known = self._api.get(storage_id)
+                if known is not None and known[0] == row["updated_at"]:
+                    continue
+                self._forget(storage_id)
+                try:
+                    storage = storage_from_row(row, self.vault)
+                    self._api[storage_id] = (row["updated_at"], storage)
+                    await self._build(storage)
+                except (VaultError, CredentialsError, SigningError, ValueError) as exc:
+                    self.problems[storage_id] = str(exc)
+                    log.warning("storage %s cannot be used: %s", storage_id, exc)
+            self._index()
+
+    def _forget(self, storage_id: str) -> None:
+        self._api.pop(storage_id, None)
+        self._backends.pop(storage_id, None)
+        self.signers.pop(storage_id, None)
+        self.problems.pop(storage_id, None)
+
+    def _index(self) -> None:
+        by_project: dict[str, list[StorageSettings]] = {}
+        for storage in self.all():
+            by_project.setdefault(storage.project, []).append(storage)
+        self._by_project = {project: tuple(storages) for project, storages in by_project.items()}
+
+    async def run(self) -> None:
+        """Reload periodically until cancelled; a registry outage only delays the next reload."""
+        while True:
+            await asyncio.sleep(self.settings.registry.storage_refresh)
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep serving the last snapshot
+                log.warning("storage refresh failed: %s", type(exc).__name__)
+
+    def all(self) -> list[StorageSettings]:
+        return [*self._config.values(), *(storage for _, storage in self._api.values())]
+
+    def storages_of(self, project: str) -> tuple[StorageSettings, ...]:
+        return self._by_project.get(project, ())
+
+    def get(self, storage_id: str) -> StorageSettings | None:
+        storage = self._config.get(storage_id)
+        if storage is None and storage_id in self._api:
+            storage = self._api[storage_id][1]
+        return storage
+
+    def backend(self, storage: StorageSettings) -> Backend:
+        backend = self._backends.get(storage.id)
+        if backend is None:
+            raise StorageUnavailable(self.problems.get(storage.id, "storage not ready"))
+        return backend
+
+    def backends(self) -> dict[str, Backend]:
+        return dict(self._backends)
+
+    async def close(self) -> None:
+        for backend in self._backends.values():
+            with contextlib.suppress(Exception):
+                await backend.close()
+
+
+def public_storage(storage: StorageSettings) -> StorageSettings:
+    """The settings without the credentials, for anything that may be shown or logged."""
+    return dataclasses.replace(storage, google_application_credentials=None)

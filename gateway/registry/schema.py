@@ -1,0 +1,112 @@
+"""The registry's tables (SQLAlchemy Core), one definition for SQLite and PostgreSQL.
+
+Object keys are compared in byte order on both databases (PostgreSQL's "C" collation, SQLite's
+BINARY default): the sync walks a bucket listing, which GCS returns in that order, side by side
+with the registry's rows (see gateway/sync/engine.py).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+KEY = Text().with_variant(Text(collation="C"), "postgresql")  # byte order, as GCS lists
+
+tasks_table = Table(
+    "tasks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(255), nullable=False),
+    Column("task", JSON, nullable=False),
+    # Where a synced task came from: its storage, object and row (NULL for API imports).
+    Column("storage_id", String(255), nullable=True),
+    Column("object_key", KEY, nullable=True),
+    Column("row", Integer, nullable=True),
+    Column("updated_at", Float, nullable=True),
+    Index("ix_tasks_project", "project"),
+    Index("ux_tasks_source", "storage_id", "object_key", "row", unique=True),
+)
+
+task_uris_table = Table(
+    "task_uris",
+    metadata,
+    Column("task_id", Integer, ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+    Column("uri", Text, primary_key=True),
+)
+
+# Source storages created through the API (config-file storages live in the config).
+storages_table = Table(
+    "storages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(255), nullable=False),
+    Column("title", String(255), nullable=False, server_default=""),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("bucket", String(255), nullable=False),
+    Column("prefix", Text, nullable=False, server_default=""),
+    Column("regex_filter", Text, nullable=False, server_default=""),
+    Column("use_blob_urls", Boolean, nullable=False),
+    Column("recursive_scan", Boolean, nullable=False),
+    Column("presign", Boolean, nullable=False),
+    Column("presign_ttl", Integer, nullable=False),
+    Column("data_key", String(255), nullable=False),
+    Column("sync_interval", Integer, nullable=False, server_default="0"),
+    Column("credentials", Text, nullable=True),  # encrypted (gateway/secrets.py), never returned
+    Column("google_project_id", String(255), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+# One row per imported object: its generation when last imported (NULL while an import of it is
+# unfinished) and how many tasks it produced.
+storage_objects_table = Table(
+    "storage_objects",
+    metadata,
+    Column("storage_id", String(255), primary_key=True),
+    Column("object_key", KEY, primary_key=True),
+    Column("generation", String(64), nullable=True),
+    Column("task_count", Integer, nullable=False, server_default="0"),
+)
+
+ACTIVE = ("queued", "running")
+
+sync_jobs_table = Table(
+    "sync_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("storage_id", String(255), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("worker", String(255), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("counters", JSON, nullable=False),
+    Column("errors", JSON, nullable=False),
+    Column("message", Text, nullable=True),
+    Index("ix_sync_jobs_storage", "storage_id", "id"),
+    Index("ix_sync_jobs_status", "status"),
+    # At most one queued-or-running job per storage, whatever the number of workers.
+    Index(
+        "ux_sync_jobs_active",
+        "storage_id",
+        unique=True,
+        sqlite_where=text("status IN ('queued', 'running')"),
+        postgresql_where=text("status IN ('queued', 'running')"),
+    ),
+)

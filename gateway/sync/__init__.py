@@ -1,0 +1,1 @@
+"""The import sync: bucket listings become tasks (engine.py), run as jobs by workers (worker.py)."""

@@ -1,0 +1,163 @@
+"""Task files read as streams: JSON (ijson), JSONL (line by line), Parquet (pyarrow batches).
+
+Each yields `(row, task)` or `(row, RowError)` pairs with `row` the 0-based position of the
+item, line or row in the file, so a row keeps its number (and its task id) when a neighbour
+is fixed or broken. Problems with the whole file raise `FileError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import decimal
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import ijson
+
+from ..registry import BadTask, normalize_task
+
+FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+PARQUET_BATCH_ROWS = 1000
+
+
+class FileError(Exception):
+    """The file as a whole cannot be read as tasks."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    message: str
+
+
+def file_format(key: str) -> str | None:
+    name = key.rsplit("/", 1)[-1].lower()
+    return next((fmt for ext, fmt in FORMATS.items() if name.endswith(ext)), None)
+
+
+async def parse_task_file(
+    key: str, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[tuple[int, dict[str, Any] | RowError]]:
+    fmt = file_format(key)
+    if fmt is None:
+        raise FileError("not a task file (expected a .json, .jsonl, .ndjson or .parquet name)")
+    parser = {"json": _json_rows, "jsonl": _jsonl_rows, "parquet": _parquet_rows}[fmt]
+    async for row, item in parser(chunks):
+        if isinstance(item, RowError):
+            yield row, item
+            continue
+        try:
+            yield row, normalize_task(item, row + 1)
+        except BadTask as exc:
+            yield row, RowError(str(exc).partition(": ")[2] or str(exc))
+
+
+class _ChunkReader:
+    """An async file-like view of a chunk stream, as ijson reads it."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], first: bytes) -> None:
+        self._chunks, self._pending = chunks, first
+
+    async def read(self, size: int = -1) -> bytes:
+        if not self._pending:
+            self._pending = await anext(self._chunks, b"")
+        data, self._pending = self._pending, b""
+        return data
+
+
+async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+    """A JSON list of tasks (or one task), parsed item by item: memory stays bounded."""
+    first = b""
+    async for chunk in chunks:
+        first += chunk
+        if first.strip():
+            break
+    head = first.lstrip()[:1]
+    if not head:
+        return  # an empty file holds no tasks
+    if head not in (b"[", b"{"):
+        raise FileError("not JSON task data (expected a list of tasks or one task)")
+    row = -1
+    try:
+        async for item in ijson.items(_ChunkReader(chunks, first), "item" if head == b"[" else "", use_float=True):
+            row += 1
+            yield row, item
+    except ijson.JSONError as exc:
+        where = f"after item {row + 1}" if head == b"[" else "in the task"
+        raise FileError(f"malformed JSON {where}: {str(exc).splitlines()[0]}") from None
+
+
+async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+    """One task per line; blank lines are skipped but keep their number."""
+    buffer = b""
+    row = 0
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield row, _json_line(line, row)
+            row += 1
+    if buffer.strip():
+        yield row, _json_line(buffer, row)
+
+
+def _json_line(line: bytes, row: int) -> Any:
+    try:
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return RowError(f"line {row + 1}: not valid JSON ({exc.args[0].split(':')[0]})")
+
+
+async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+    """Parquet needs random access: the file is spooled to a temporary file, then read one
+    batch of rows at a time (columns become data fields; a `data` struct column is the data)."""
+    import pyarrow.lib
+    import pyarrow.parquet as pq
+
+    handle = tempfile.NamedTemporaryFile(prefix="gateway-sync-", suffix=".parquet", delete=False)  # noqa: SIM115
+    try:
+        async for chunk in chunks:
+            await asyncio.to_thread(handle.write, chunk)
+        handle.close()
+        try:
+            parquet = await asyncio.to_thread(pq.ParquetFile, handle.name)
+        except (pyarrow.lib.ArrowException, OSError) as exc:
+            raise FileError(f"not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        row = 0
+        while True:
+            try:
+                batch = await asyncio.to_thread(next, batches, None)
+            except (pyarrow.lib.ArrowException, OSError) as exc:
+                raise FileError(f"Parquet read failed at row {row + 1} ({str(exc).splitlines()[0]})") from None
+            if batch is None:
+                return
+            for record in batch.to_pylist():
+                yield row, _jsonable(record)
+                row += 1
+    finally:
+        handle.close()
+        os.unlink(handle.name)
+
+
+def _jsonable(value: Any) -> Any:
+    """Parquet values as JSON values: dates as ISO 8601, decimals as numbers, bytes as base64."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return value
