@@ -163,7 +163,8 @@ async def test_signing_failures_are_503_with_a_reason(presign, aiohttp_server):
 
     client = await presign()
     async with aiohttp.ClientSession() as session:
-        client.server.app[CATALOG].signers["signed"] = IamSigner(session, Tokens(), "ci@p.iam", str(server.make_url("")))
+        signer = IamSigner(session, Tokens(), "ci@p.iam", str(server.make_url("")))
+        client.server.app[CATALOG].signers["signed"] = signer
         headers = {"Authorization": f"Bearer {make_token(tasks=[client.ids[0]])}"}
         response = await client.get(media_url(client, client.bucket, CLIP.key), headers=headers, allow_redirects=False)
     assert response.status == 503
