@@ -1,4 +1,4 @@
-"""`gateway serve | token | check-config | import | demo`.
+"""`gateway serve | worker | sync | token | check-config | import | demo | cors-config`.
 
 Heavy imports happen inside the commands: `serve` must point PROMETHEUS_MULTIPROC_DIR at its
 directory before prometheus_client is first imported, and `token` should start instantly.
@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
     serve.set_defaults(command=cmd_serve)
+
+    worker = with_config(sub.add_parser("worker", help="run the import sync worker alone (no HTTP)"))
+    worker.set_defaults(command=cmd_worker)
+
+    sync = with_config(sub.add_parser("sync", help="sync source storages now, in the foreground"))
+    sync.add_argument("storage_ids", nargs="*", metavar="STORAGE_ID", help="storage ids (default: all)")
+    sync.add_argument("--preview", action="store_true", help="print the first matching keys / tasks; import nothing")
+    sync.set_defaults(command=cmd_sync)
 
     token = with_config(sub.add_parser("token", help="print a signed JWT"))
     token.add_argument("--sub", required=True, help="the subject (user) the token names")
@@ -213,8 +221,6 @@ def read_task_files(files: list[Path]) -> list[Any]:
 
 def cmd_import(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not settings.storages_of(args.project):
-        raise CliError(f"--project: project {args.project!r} has no storage in {settings.source}")
     from .registry import BadTask, normalize_task, open_registry
 
     try:
@@ -232,6 +238,24 @@ def cmd_import(args: argparse.Namespace) -> int:
     ids = asyncio.run(run())
     print(json.dumps({"task_ids": ids, "task_count": len(ids)}))
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .sync.commands import sync_command
+
+    settings = _settings(args)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_prepare_registry(settings))
+    return asyncio.run(sync_command(settings, args.storage_ids, args.preview))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .sync.commands import worker_command
+
+    settings = _settings(args)
+    configure_logging()
+    asyncio.run(_prepare_registry(settings))
+    return asyncio.run(worker_command(settings))
 
 
 # ---------------------------------------------------------------- serve

@@ -64,6 +64,8 @@ class _ChunkReader:
         self._chunks, self._pending = chunks, first
 
     async def read(self, size: int = -1) -> bytes:
+        if size == 0:  # ijson probes with read(0) for bytes or str and drops the answer
+            return b""
         if not self._pending:
             self._pending = await anext(self._chunks, b"")
         data, self._pending = self._pending, b""
@@ -111,7 +113,7 @@ def _json_line(line: bytes, row: int) -> Any:
     try:
         return json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return RowError(f"line {row + 1}: not valid JSON ({exc.args[0].split(':')[0]})")
+        return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
 
 
 async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
