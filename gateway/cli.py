@@ -269,6 +269,7 @@ def configure_logging() -> None:
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per start-up and migration step otherwise
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
