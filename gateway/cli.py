@@ -231,6 +231,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     async def run() -> list[int]:
         registry = open_registry(settings.registry.url)
         try:
+            if not settings.storages_of(args.project) and all(
+                row["project"] != args.project for row in await registry.list_storages()
+            ):
+                raise CliError(f"--project: project {args.project!r} has no storage (config file or API)")
             return await registry.add_tasks(args.project, tasks)
         finally:
             await registry.close()

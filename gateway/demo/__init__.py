@@ -32,24 +32,29 @@ def media_root() -> Path:
 
 def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
     state.mkdir(parents=True, exist_ok=True)
-    secret_file = state / "secret"
-    if not secret_file.exists():
-        secret_file.write_text(secrets.token_urlsafe(48))
-        secret_file.chmod(0o600)
+    secret_file, vault_file = state / "secret", state / "encryption-key"
+    for path in (secret_file, vault_file):
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
     config_file = state / "gateway.toml"
     config_file.write_text(
-        "# Written by `gateway demo`; the secret lives in ./secret and comes in via the environment.\n"
+        "# Written by `gateway demo`; ./secret and ./encryption-key come in via the environment.\n"
         f"[server]\nhost = {json.dumps(host)}\nport = {port}\n\n"
         f"[registry]\nurl = {json.dumps('sqlite:///' + str((state / 'registry.db').resolve()))}\n\n"
         f'[[storages]]\nid = "demo-local"\nproject = {json.dumps(PROJECT)}\ntype = "local"\n'
         f"bucket = {json.dumps(BUCKET)}\nroot = {json.dumps(str(media_root()))}\n"
     )
-    settings = load_settings(config_file, env={"GATEWAY_AUTH_SECRET": secret_file.read_text()})
+    settings = load_settings(
+        config_file,
+        env={"GATEWAY_AUTH_SECRET": secret_file.read_text(), "GATEWAY_REGISTRY_ENCRYPTION_KEYS": vault_file.read_text()},
+    )
     task_ids = _ensure_tasks(settings, state / "tasks.json")
 
     from ..cli import mint_token
 
     token = mint_token(settings, "demo-annotator", projects=[PROJECT], ttl=24 * 3600)
+    admin = mint_token(settings, "demo-admin", ttl=24 * 3600, admin=True)
     base = f"http://{host}:{port}"
     lines = [
         f"Media gateway demo: {len(task_ids)} tasks of project {PROJECT!r}, bucket gs://{BUCKET} "
@@ -72,7 +77,11 @@ def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
         f"    '{base}/tasks/{task_ids['clip.mp4']}/resolve/?fileuri="
         f"{encode_fileuri(SAMPLES['clip.mp4']['video'])}'",
         "",
-        f"Metrics: {base}/metrics   Health: {base}/healthz   Ready: {base}/readyz",
+        "Import the bucket as tasks (one per object) with the sync worker, then list them:",
+        f"  curl -s -X POST -H 'Authorization: Bearer {admin}' {base}/api/storages/gcs/demo-local/sync",
+        f"  curl -s -H 'Authorization: Bearer {admin}' '{base}/api/projects/{PROJECT}/tasks?resolve=true'",
+        "",
+        f"Metrics: {base}/metrics   Health: {base}/healthz   Ready: {base}/readyz   API: {base}/api/openapi.json",
     ]
     return settings, "\n".join(lines)
 
