@@ -314,8 +314,15 @@ def serve(settings: Settings) -> None:
 
 
 async def _prepare_registry(settings: Settings) -> None:
+    from sqlalchemy.engine import make_url
+
     from .registry import open_registry
 
+    url = make_url(settings.registry.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).resolve().parent
+        if not folder.is_dir():  # said before the driver fails (aiosqlite's thread then races the loop's end)
+            raise ConfigError(f"[registry].url: cannot open the registry: directory {folder} does not exist")
     registry = open_registry(settings.registry.url)
     try:
         await registry.ping()

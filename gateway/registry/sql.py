@@ -43,7 +43,7 @@ def empty_counters() -> dict[str, int]:
 
 class SqlTaskRegistry:
     def __init__(self, url: str) -> None:
-        self._engine: AsyncEngine = create_async_engine(async_url(url), pool_pre_ping=True)
+        self._engine: AsyncEngine = create_async_engine(async_url(url), pool_pre_ping=url.startswith("postgresql"))
         self.dialect = self._engine.dialect.name
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
