@@ -83,7 +83,7 @@ class SyncSettings:
     worker: bool = True  # `gateway serve` runs the sync worker in-process (in its first worker)
     concurrency: int = 1  # syncs one worker process runs at once
     poll_interval: float = 1.0
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = 2.0
     stale_after: float = 60.0  # a running job without heartbeat for this long is re-queued
     max_attempts: int = 3
     page_size: int = 1000  # objects per listing page
