@@ -209,7 +209,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Registry and every storage reachable; results kept a few seconds so probes stay cheap."""
+    """Registry and every config-file storage reachable; kept a few seconds so probes stay cheap."""
     cache = request.app[READINESS]
     now = time.monotonic()
     if cache.get("until", 0) < now:
@@ -220,6 +220,8 @@ async def readyz(request: web.Request) -> web.Response:
         except Exception as exc:  # readiness reports any failure instead of raising it
             checks["registry"] = f"error: {type(exc).__name__}"
         for storage_id, backend in request.app[CATALOG].backends().items():
+            if storage_id.isdigit():
+                continue  # API storages report their problems in their own status, not here
             try:
                 await backend.check()
                 checks[f"storage:{storage_id}"] = "ok"

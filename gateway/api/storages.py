@@ -297,6 +297,8 @@ async def _checked(
             errors[name] = "expected a string"
         elif len(value) > limit:
             errors[name] = f"at most {limit} characters"
+        elif "\x00" in value:  # PostgreSQL cannot store NUL in text
+            errors[name] = "must not contain NUL characters"
         else:
             values[name] = value
 
