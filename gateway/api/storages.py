@@ -145,8 +145,12 @@ async def _represent_all(request: web.Request, storages: list[StorageSettings]) 
     return [represent(s, jobs.get(s.id), rows.get(s.id), catalog.problems.get(s.id)) for s in storages]
 
 
-def _storage(request: web.Request) -> StorageSettings:
-    storage = request.app[CATALOG].get(request.match_info["storage_id"])
+async def _storage(request: web.Request, storage_id: str | None = None) -> StorageSettings:
+    """The storage named in the path (or `storage_id`), as the registry has it now: the catalog
+    is reloaded first, so a storage created, changed or deleted through another replica counts."""
+    catalog = request.app[CATALOG]
+    await catalog.refresh()
+    storage = catalog.get(request.match_info["storage_id"] if storage_id is None else storage_id)
     if storage is None:
         raise Refused(404, "unknown_storage", "no such storage")
     return storage
@@ -165,8 +169,7 @@ async def list_storages(request: web.Request) -> web.Response:
 
 async def get_storage(request: web.Request) -> web.Response:
     await require_admin(request)
-    await request.app[CATALOG].refresh()
-    [answer] = await _represent_all(request, [_storage(request)])
+    [answer] = await _represent_all(request, [await _storage(request)])
     return web.json_response(answer)
 
 
@@ -183,7 +186,7 @@ async def create_storage(request: web.Request) -> web.Response:
 
 async def update_storage(request: web.Request) -> web.Response:
     await require_admin(request)
-    storage = _api_storage(request)
+    storage = await _api_storage(request)
     values = await _checked(request, await _body(request), partial=True, current=storage)
     values.pop("_plain_credentials", None)
     if await request.app[REGISTRY].update_storage(int(storage.id), values) is None:
@@ -194,7 +197,7 @@ async def update_storage(request: web.Request) -> web.Response:
 
 async def delete_storage(request: web.Request) -> web.Response:
     await require_admin(request)
-    storage = _api_storage(request)
+    storage = await _api_storage(request)
     job = (await request.app[REGISTRY].latest_jobs([storage.id])).get(storage.id)
     if job is not None and job["status"] == "running":
         raise Refused(409, "sync_running", "a sync of this storage is running; delete it when the sync ends")
@@ -209,9 +212,7 @@ async def validate_storage(request: web.Request) -> web.Response:
     body = await _body(request)
     current = None
     if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
-        current = request.app[CATALOG].get(str(body["id"]))
-        if current is None:
-            raise Refused(404, "unknown_storage", "no such storage")
+        current = await _storage(request, str(body["id"]))
     values = await _checked(
         request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None, current=current
     )
@@ -222,7 +223,7 @@ async def validate_storage(request: web.Request) -> web.Response:
 
 async def preview_storage(request: web.Request) -> web.Response:
     await require_admin(request)
-    storage = _storage(request)
+    storage = await _storage(request)
     body = await _body(request, allow_empty=True)
     limit = body.get("limit", 20)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
@@ -237,20 +238,22 @@ async def preview_storage(request: web.Request) -> web.Response:
 async def sync_storage(request: web.Request) -> web.Response:
     """ "Sync": queue a sync (or join the one queued or running) and answer with the storage."""
     await require_admin(request)
-    storage = _storage(request)
+    storage = await _storage(request)
     await request.app[REGISTRY].enqueue_job(storage.id)
+    # The answer is read before the in-process worker is woken, so it shows the job queued (or
+    # running), never already finished.
+    [answer] = await _represent_all(request, [storage])
     worker = request.app[SYNC_WORKER]
     if worker is not None:
         worker.wake()
-    [answer] = await _represent_all(request, [storage])
     return web.json_response(answer, status=202)
 
 
 # -- field checks ------------------------------------------------------------------------------
 
 
-def _api_storage(request: web.Request) -> StorageSettings:
-    storage = _storage(request)
+async def _api_storage(request: web.Request) -> StorageSettings:
+    storage = await _storage(request)
     if not storage.from_api:
         raise Refused(409, "declared_in_config", "this storage is declared in the config file; change it there")
     return storage
@@ -379,7 +382,7 @@ async def _check_credentials(
     try:
         await asyncio.to_thread(load_storage_credential, probe, {})
     except CredentialsError as exc:
-        errors[SECRET] = f"these credentials cannot be used: {exc}"
+        errors[SECRET] = _credentials_problem(exc, value)
         return
     vault = request.app[CATALOG].vault
     if not vault.enabled:
@@ -387,6 +390,41 @@ async def _check_credentials(
         return
     values["credentials"] = vault.seal(value)
     values["_plain_credentials"] = value  # for a connection test; never stored
+
+
+_CREDENTIAL_TYPES = frozenset(
+    {
+        "service_account",
+        "authorized_user",
+        "external_account",
+        "external_account_authorized_user",
+        "impersonated_service_account",
+        "gdch_service_account",
+    }
+)
+
+
+def _credentials_problem(exc: CredentialsError, value: str | None) -> str:
+    """google-auth's reason, unless it repeats a string of the submitted JSON (it quotes an
+    unknown `type`, for one): then a generic reason. The credentials are never echoed."""
+    message = str(exc)
+    try:
+        info = json.loads(value) if value else None
+    except ValueError:
+        info = None
+    if any(len(s) >= 4 and s not in _CREDENTIAL_TYPES and s in message for s in _strings(info)):
+        message = "not a supported Google credentials JSON (check its type and fields)"
+    return f"these credentials cannot be used: {message}"
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
 
 
 def _as_settings(values: dict[str, Any], current: StorageSettings | None) -> StorageSettings:
@@ -411,7 +449,8 @@ async def _try_connection(request: web.Request, storage: StorageSettings) -> Non
     try:
         credentials = await asyncio.to_thread(load_storage_credential, storage, None)
     except CredentialsError as exc:
-        raise Invalid({SECRET: f"these credentials cannot be used: {exc}"}, "bad_credentials") from None
+        message = _credentials_problem(exc, storage.google_application_credentials)
+        raise Invalid({SECRET: message}, "bad_credentials") from None
     backend = build_backend(catalog.settings, storage, catalog.session, credentials)
     try:
         await backend.list_page(storage.prefix, storage.recursive_scan, None, 1)

@@ -19,11 +19,13 @@ from ..uris import encode_fileuri, resolve_uris
 from .auth import require_admin
 
 MAX_PAGE_SIZE = 1000
+MAX_PAGE = 999_999_999
 
 
 async def import_tasks(request: web.Request) -> web.Response:
     await require_admin(request)
     project = request.match_info["project_id"]
+    await request.app[CATALOG].refresh()  # a storage created through another replica counts at once
     if not request.app[CATALOG].storages_of(project):
         raise Refused(404, "unknown_project", f"project {project} has no storage")
     body = await request.read()
@@ -84,6 +86,7 @@ def _positive(request: web.Request, name: str, default: int) -> int:
     value = request.query.get(name)
     if value is None:
         return default
-    if not value.isdigit() or int(value) < 1:
-        raise Refused(400, "bad_parameter", f"{name}: expected a positive integer")
+    # ASCII digits only ("²".isdigit() is true), and bounded: the offset must fit a 64-bit integer.
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
+        raise Refused(400, "bad_parameter", f"{name}: expected an integer from 1 to {MAX_PAGE}")
     return int(value)
