@@ -9,8 +9,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -29,6 +27,7 @@ from .schema import (
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps counting
+KEYS_PER_STATEMENT = 1000  # SQLite and asyncpg refuse statements with more than 32766 parameters
 
 
 def async_url(url: str) -> str:
@@ -342,8 +341,11 @@ class SqlTaskRegistry:
 
     # -- what a sync writes ----------------------------------------------------------------------
 
-    async def imported_objects(self, storage_id: str, after: str | None, upto: str | None) -> list[ImportedObject]:
-        """Imported objects of a storage with `after < key <= upto` (None: unbounded), by key."""
+    async def imported_objects(
+        self, storage_id: str, after: str | None, upto: str | None, limit: int | None = None
+    ) -> list[ImportedObject]:
+        """Imported objects of a storage with `after < key <= upto` (None: unbounded), by key;
+        at most `limit` of them (the next ones follow after the last key answered)."""
         where = [storage_objects_table.c.storage_id == storage_id]
         if after is not None:
             where.append(storage_objects_table.c.object_key > after)
@@ -358,19 +360,21 @@ class SqlTaskRegistry:
                 )
                 .where(*where)
                 .order_by(storage_objects_table.c.object_key)
+                .limit(limit)
             )
             return [ImportedObject(*row) for row in rows]
 
     async def import_objects(
         self, storage_id: str, project: str, objects: list[tuple[str, str, dict[str, Any]]]
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Objects imported as one task each (key, generation, task), in one transaction.
 
         A new key gets a task; a known key keeps its task id and gets the new data and
-        generation. Returns (created, updated).
+        generation (and loses the other rows it had as a task file). Returns (created,
+        updated, removed).
         """
         if not objects:
-            return 0, 0
+            return 0, 0, 0
         now = time.time()
         keys = [key for key, _, _ in objects]
         async with self._begin() as conn:
@@ -404,7 +408,7 @@ class SqlTaskRegistry:
             for task_id, task in changed:
                 await _replace_task(conn, task_id, task, now)
             # Extra rows of an object that used to be a task file are removed.
-            await conn.execute(
+            extra = await conn.execute(
                 delete(tasks_table).where(
                     tasks_table.c.storage_id == storage_id, tasks_table.c.object_key.in_(keys), tasks_table.c.row > 0
                 )
@@ -421,22 +425,29 @@ class SqlTaskRegistry:
                     for key, gen, _ in objects
                 ],
             )
-        return len(fresh), len(changed)
+        return len(fresh), len(changed), extra.rowcount
 
     async def remove_objects(self, storage_id: str, keys: list[str]) -> int:
-        """Forget objects gone from the bucket (or the storage's scope); returns tasks removed."""
+        """Forget objects gone from the bucket (or the storage's scope); returns tasks removed.
+        One transaction, in statements of bounded size (databases cap bound parameters)."""
         if not keys:
             return 0
+        removed = 0
         async with self._begin() as conn:
-            result = await conn.execute(
-                delete(tasks_table).where(tasks_table.c.storage_id == storage_id, tasks_table.c.object_key.in_(keys))
-            )
-            await conn.execute(
-                delete(storage_objects_table).where(
-                    storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key.in_(keys)
+            for start in range(0, len(keys), KEYS_PER_STATEMENT):
+                chunk = keys[start : start + KEYS_PER_STATEMENT]
+                result = await conn.execute(
+                    delete(tasks_table).where(
+                        tasks_table.c.storage_id == storage_id, tasks_table.c.object_key.in_(chunk)
+                    )
                 )
-            )
-            return result.rowcount
+                removed += result.rowcount
+                await conn.execute(
+                    delete(storage_objects_table).where(
+                        storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key.in_(chunk)
+                    )
+                )
+        return removed
 
     async def upsert_rows(
         self,
@@ -445,68 +456,70 @@ class SqlTaskRegistry:
         key: str,
         rows: list[tuple[int, dict[str, Any]]],
         bad_rows: list[int] = (),  # type: ignore[assignment]
-    ) -> tuple[int, int]:
-        """Rows of a task file, in one transaction: a known row keeps its task id. Returns
-        (created, updated); identical rows are not written.
+    ) -> tuple[int, int, int]:
+        """Rows of a task file, in one transaction: a known row keeps its task id; `bad_rows`
+        (malformed or blank) hold no task. Returns (created, updated, removed); identical rows
+        are not written.
 
         The object is recorded as unfinished (generation NULL) until `finish_object`, so a
         crash in the middle of a file leaves it to be imported again, never half-forgotten.
         """
         if not rows and not bad_rows:
-            return 0, 0
+            return 0, 0, 0
         now = time.time()
         numbers = [number for number, _ in rows]
+        of_object = and_(tasks_table.c.storage_id == storage_id, tasks_table.c.object_key == key)
         async with self._begin() as conn:
+            # Only what differs is written: a file read again unchanged costs reads only.
             known = {
                 row_number: (task_id, task)
                 for task_id, row_number, task in await conn.execute(
                     select(tasks_table.c.id, tasks_table.c.row, tasks_table.c.task).where(
-                        tasks_table.c.storage_id == storage_id,
-                        tasks_table.c.object_key == key,
-                        tasks_table.c.row.in_(numbers),
+                        of_object, tasks_table.c.row.in_([*numbers, *bad_rows])
                     )
                 )
             }
-            await _insert_tasks(
-                conn,
-                [
-                    {
-                        "project": project,
-                        "task": task,
-                        "storage_id": storage_id,
-                        "object_key": key,
-                        "row": number,
-                        "updated_at": now,
-                    }
-                    for number, task in rows
-                    if number not in known
-                ],
-            )
+            fresh = [
+                {
+                    "project": project,
+                    "task": task,
+                    "storage_id": storage_id,
+                    "object_key": key,
+                    "row": number,
+                    "updated_at": now,
+                }
+                for number, task in rows
+                if number not in known
+            ]
+            await _insert_tasks(conn, fresh)
             updated = 0
             for number, task in rows:
                 if number in known and known[number][1] != task:
                     await _replace_task(conn, known[number][0], task, now)
                     updated += 1
-            await conn.execute(
-                update(storage_objects_table)
-                .where(storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key)
-                .values(generation=None)
-            )
-            if bad_rows:  # a row that became malformed no longer holds a task
+            gone = [number for number in bad_rows if number in known]
+            if gone:  # a row that became malformed or blank no longer holds a task
+                await conn.execute(delete(tasks_table).where(of_object, tasks_table.c.row.in_(gone)))
+            state = (
                 await conn.execute(
-                    delete(tasks_table).where(
-                        tasks_table.c.storage_id == storage_id,
-                        tasks_table.c.object_key == key,
-                        tasks_table.c.row.in_(bad_rows),
+                    select(storage_objects_table.c.generation).where(
+                        storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key
                     )
                 )
-            upsert = pg_insert if self.dialect == "postgresql" else sqlite_insert
-            await conn.execute(
-                upsert(storage_objects_table)
-                .values(storage_id=storage_id, object_key=key, generation=None, task_count=0)
-                .on_conflict_do_nothing()
-            )
-        return len(rows) - len(known), updated
+            ).one_or_none()
+            if state is None:
+                await conn.execute(
+                    insert(storage_objects_table).values(
+                        storage_id=storage_id, object_key=key, generation=None, task_count=0
+                    )
+                )
+            elif state.generation is not None:
+                await conn.execute(
+                    update(storage_objects_table)
+                    .where(storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key)
+                    .values(generation=None)
+                )
+        return len(fresh), updated, len(gone)
 
     async def finish_object(self, storage_id: str, key: str, generation: str, row_count: int) -> int:
         """A task file read to its end: rows beyond it are removed, the generation recorded.

@@ -11,6 +11,7 @@ and run again ends in the same state.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -20,12 +21,14 @@ from typing import Any
 
 from .. import metrics
 from ..config import StorageSettings, SyncSettings
+from ..registry import ImportedObject
 from ..registry.sql import MAX_JOB_ERRORS, SqlTaskRegistry, empty_counters
 from ..storage import Backend, ListedObject, StorageError
 from .parse import FileError, RowError, file_format, parse_task_file
 
 log = logging.getLogger("gateway.sync")
 FILE_CONCURRENCY = 8  # task files of one page read at once
+KNOWN_CHUNK = 1000  # registry objects compared (and removed) at a time
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Sync:
         self.storage, self.backend, self.registry, self.settings = storage, backend, registry, settings
         self.progress = progress or Progress()
         self._wanted = selects(storage)
+        self._blob_digest = hashlib.sha256(f"{storage.bucket}\0{storage.data_key}".encode()).hexdigest()[:8]
         labels = (storage.id,)
         self._listed = metrics.SYNC_OBJECTS_LISTED.labels(*labels)
         self._tasks = {a: metrics.SYNC_TASKS.labels(storage.id, a) for a in ("created", "updated", "removed")}
@@ -106,23 +110,42 @@ class Sync:
         storage, progress = self.storage, self.progress
         wanted = {obj.key: obj for obj in page if self._wanted(obj.key)}
         progress.add("skipped", len(page) - len(wanted))
-        known = {o.key: o for o in await self.registry.imported_objects(storage.id, after, upto)}
-        vanished = [key for key in known if key not in wanted]
-        if vanished:
-            self._count("removed", await self.registry.remove_objects(storage.id, vanished))
-        todo = [obj for key, obj in wanted.items() if key not in known or known[key].generation != obj.generation]
+        # The registry's objects of the key range, a chunk at a time: a range may hold any
+        # number of objects gone from the bucket or the storage's scope (an emptied bucket, an
+        # edited prefix), and neither memory nor a statement may grow with them.
+        known: dict[str, ImportedObject] = {}
+        cursor = after
+        while True:
+            chunk = await self.registry.imported_objects(storage.id, cursor, upto, KNOWN_CHUNK)
+            known.update((o.key, o) for o in chunk if o.key in wanted)
+            vanished = [o.key for o in chunk if o.key not in wanted]
+            if vanished:
+                self._count("removed", await self.registry.remove_objects(storage.id, vanished))
+            if len(chunk) < KNOWN_CHUNK:
+                break
+            cursor = chunk[-1].key
+        todo = [o for key, o in wanted.items() if key not in known or known[key].generation != self._stamp(o)]
         if storage.use_blob_urls:
             batch = self.settings.batch_size
             for start in range(0, len(todo), batch):
-                objects = [(o.key, o.generation, blob_task(storage, o.key)) for o in todo[start : start + batch]]
-                created, updated = await self.registry.import_objects(storage.id, storage.project, objects)
+                objects = [(o.key, self._stamp(o), blob_task(storage, o.key)) for o in todo[start : start + batch]]
+                created, updated, removed = await self.registry.import_objects(storage.id, storage.project, objects)
                 self._count("created", created)
                 self._count("updated", updated)
+                self._count("removed", removed)
         else:
             for start in range(0, len(todo), FILE_CONCURRENCY):
                 async with asyncio.TaskGroup() as group:
                     for obj in todo[start : start + FILE_CONCURRENCY]:
                         group.create_task(self._import_file(obj))
+
+    def _stamp(self, obj: ListedObject) -> str:
+        """What the registry records of an imported object: its generation, and for one task per
+        object also the bucket and data key the task names, so that editing the import method or
+        the data key imports the object again (the generation alone would say "unchanged")."""
+        if not self.storage.use_blob_urls:
+            return obj.generation
+        return f"{obj.generation}/{self._blob_digest}"
 
     def _count(self, action: str, value: int) -> None:
         self.progress.add(action, value)
@@ -140,12 +163,19 @@ class Sync:
         count = 0
 
         async def flush() -> None:
-            created, updated = await registry.upsert_rows(storage.id, storage.project, obj.key, rows, bad)
+            created, updated, removed = await registry.upsert_rows(storage.id, storage.project, obj.key, rows, bad)
             self._count("created", created)
             self._count("updated", updated)
+            self._count("removed", removed)
             rows.clear()
             bad.clear()
             progress.changed()
+
+        async def flush_read_so_far() -> None:
+            # Whatever the batch size, the rows met before a broken spot are imported; the
+            # object stays unfinished, so the next sync reads it again.
+            if rows or bad:
+                await flush()
 
         if file_format(obj.key) is None:
             progress.error("file", f"{obj.key}: not a task file (expected a .json, .jsonl, .ndjson or .parquet name)")
@@ -157,6 +187,10 @@ class Sync:
             return
         try:
             async for row, item in parse_task_file(obj.key, reader.chunks()):
+                for blank in range(count, row):  # blank lines hold no task (any more)
+                    bad.append(blank)
+                    if len(rows) + len(bad) >= self.settings.batch_size:
+                        await flush()
                 count = row + 1
                 if isinstance(item, RowError):
                     bad.append(row)
@@ -169,8 +203,10 @@ class Sync:
                 await flush()
             self._count("removed", await registry.finish_object(storage.id, obj.key, obj.generation, count))
         except FileError as exc:
+            await flush_read_so_far()
             progress.error("file", f"{obj.key}: {exc}")
         except StorageError as exc:
+            await flush_read_so_far()
             progress.error("storage", f"{obj.key}: read failed ({exc.public_message or exc})")
         finally:
             reader.close()
@@ -196,7 +232,7 @@ async def preview(storage: StorageSettings, backend: Backend, limit: int = 20) -
     keys = keys[:limit]
     answer: dict[str, Any] = {"keys": keys}
     if storage.use_blob_urls:
-        answer["tasks"] = [blob_task(storage, key) for key in keys]
+        answer.update(tasks=[blob_task(storage, key) for key in keys], errors=[])
         return answer
     tasks: list[dict[str, Any]] = []
     errors: list[str] = []
