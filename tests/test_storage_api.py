@@ -2,7 +2,8 @@
 
 Storages are created with Label Studio's field names, synced by the in-process worker, and the
 tasks they import are listed, resolved and served by the media path. Credentials are write-only:
-they never come back in an answer or a log line, and rest encrypted in the registry.
+they never come back in an answer or a log line, and rest encrypted in the registry. Every
+answer is checked against the OpenAPI description (tests/test_api_openapi.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.state import CATALOG, REGISTRY
 from gateway.vault import Vault
 
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
+from .test_api_openapi import check_answer
 from .test_presign import service_account_json
 
 API_PROJECT = "8"  # API storages live here; the config storage is in PROJECT
@@ -65,6 +67,7 @@ class Api:
         text = await response.text()
         self.answers.append(text)
         assert response.status == status, f"{method} {path}: {response.status} {text}"
+        check_answer(method, path, response.status, response.content_type, text)  # as documented
         return json.loads(text) if text and response.content_type == "application/json" else text
 
     async def create(self, expect: int = 201, /, **fields: Any) -> Any:
