@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from .storage.credentials import CredentialsError
 from .vault import Vault, VaultError
 
 log = logging.getLogger("gateway.catalog")
+RETRY_BROKEN = 30.0  # seconds between attempts to build an API storage that could not be used
 
 
 class StorageUnavailable(StorageError):
@@ -66,6 +68,7 @@ class StorageCatalog:
         self._backends: dict[str, Backend] = {}
         self.signers: dict[str, Signer] = {}
         self.problems: dict[str, str] = {}  # API storage id -> why it cannot be used
+        self._retry_at: dict[str, float] = {}  # API storage id -> when to try a broken one again
         self._by_project: dict[str, tuple[StorageSettings, ...]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._env = dict(os.environ)
@@ -81,50 +84,89 @@ class StorageCatalog:
         self._session = session
         for storage in self._config.values():
             try:
-                await self._build(storage)
+                self._install(storage.id, *await self._build(storage))
             except (CredentialsError, SigningError) as exc:
                 field = "presign" if isinstance(exc, SigningError) else "google_application_credentials"
                 raise ConfigError(f"[[storages]] id={storage.id!r}.{field}: {exc}") from None
         await self.refresh()
 
-    async def _build(self, storage: StorageSettings) -> None:
+    async def _build(self, storage: StorageSettings) -> tuple[Backend, Signer | None]:
+        """The storage's backend and (presign) signer; nothing is installed yet."""
         credentials = await asyncio.to_thread(load_storage_credential, storage, self._env)
         backend = build_backend(self.settings, storage, self._session, credentials, self._env)
+        signer = None
         if storage.presign:
             assert self._session is not None
             signer, token_source = build_signer(credentials, self._session, self.settings.upstream.iam_endpoint)
             if token_source is not None:
                 await resolve_identity(signer, *token_source)
-            self.signers[storage.id] = signer
+        return backend, signer
+
+    def _install(self, storage_id: str, backend: Backend, signer: Signer | None) -> None:
+        self._backends[storage_id] = backend
+        if signer is None:
+            self.signers.pop(storage_id, None)
         else:
-            self.signers.pop(storage.id, None)
-        self._backends[storage.id] = backend
+            self.signers[storage_id] = signer
 
     async def refresh(self) -> None:
-        """Reload API storages from the registry; rebuild those that changed."""
+        """Reload API storages from the registry; rebuild those that changed.
+
+        A changed storage keeps being served with its previous settings until the new ones are
+        built, then is swapped in at once. A storage that cannot be used (credentials that do not
+        load or cannot be decrypted here, a signing identity that cannot be resolved) stays
+        listed with its problem, without a backend — never served with other credentials — and
+        is tried again every RETRY_BROKEN seconds, since the cause may be passing (IAM unreachable).
+        """
         async with self._lock:
             rows = {str(row["id"]): row for row in await self.registry.list_storages()}
             for storage_id in set(self._api) - set(rows):
                 self._forget(storage_id)
+            now = time.monotonic()
             for storage_id, row in rows.items():
                 known = self._api.get(storage_id)
-                if known is not None and known[0] == row["updated_at"]:
+                if (
+                    known is not None
+                    and known[0] == row["updated_at"]
+                    and (storage_id not in self.problems or now < self._retry_at.get(storage_id, 0.0))
+                ):
                     continue
-                self._forget(storage_id)
+                previous = self.problems.get(storage_id)
                 try:
                     storage = storage_from_row(row, self.vault)
+                except VaultError as exc:
+                    # Shown (and deletable, editable) with the problem; unusable without its own credentials.
+                    self._forget(storage_id)
+                    self._api[storage_id] = (
+                        row["updated_at"],
+                        storage_from_row({**row, "credentials": None}, self.vault),
+                    )
+                    self._broken(storage_id, str(exc), previous, now)
+                    continue
+                try:
+                    built = await self._build(storage)
+                except (CredentialsError, SigningError, ValueError) as exc:
+                    self._forget(storage_id)
                     self._api[storage_id] = (row["updated_at"], storage)
-                    await self._build(storage)
-                except (VaultError, CredentialsError, SigningError, ValueError) as exc:
-                    self.problems[storage_id] = str(exc)
-                    log.warning("storage %s cannot be used: %s", storage_id, exc)
+                    self._broken(storage_id, str(exc), previous, now)
+                    continue
+                self._forget(storage_id)
+                self._api[storage_id] = (row["updated_at"], storage)
+                self._install(storage_id, *built)
             self._index()
+
+    def _broken(self, storage_id: str, problem: str, previous: str | None, now: float) -> None:
+        self.problems[storage_id] = problem
+        self._retry_at[storage_id] = now + RETRY_BROKEN
+        if problem != previous:  # once per problem, not at every retry
+            log.warning("storage %s cannot be used: %s", storage_id, problem)
 
     def _forget(self, storage_id: str) -> None:
         self._api.pop(storage_id, None)
         self._backends.pop(storage_id, None)
         self.signers.pop(storage_id, None)
         self.problems.pop(storage_id, None)
+        self._retry_at.pop(storage_id, None)
 
     def _index(self) -> None:
         by_project: dict[str, list[StorageSettings]] = {}

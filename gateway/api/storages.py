@@ -25,6 +25,7 @@ from ..storage.base import UpstreamDenied
 from ..storage.credentials import CredentialsError
 from ..sync.engine import preview
 from .auth import require_admin
+from .tasks import strict_json
 
 SECRET = "google_application_credentials"
 _READ_ONLY = frozenset(
@@ -110,7 +111,8 @@ def represent(storage: StorageSettings, job: dict[str, Any] | None, row: dict[st
         "google_project_id": storage.google_project_id,
         "data_key": storage.data_key,
         "sync_interval": storage.sync_interval,
-        "has_credentials": bool(storage.google_application_credentials),
+        # From the row when there is one: credentials this replica cannot decrypt are still set.
+        "has_credentials": bool(row["credentials"] if row else storage.google_application_credentials),
         "created_at": _iso(row["created_at"]) if row else None,
         "updated_at": _iso(row["updated_at"]) if row else None,
         "status": "initialized" if job is None else _STATUS.get(job["status"], job["status"]),
@@ -264,9 +266,9 @@ async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, An
     if not raw.strip() and allow_empty:
         return {}
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Refused(400, "bad_json", "the body is not valid JSON") from None
+        body = strict_json(raw)
+    except ValueError:
+        raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
     if not isinstance(body, dict):
         raise Refused(400, "bad_json", "the body must be a JSON object")
     return body
@@ -302,6 +304,8 @@ async def _checked(
             errors[name] = f"at most {limit} characters"
         elif "\x00" in value:  # PostgreSQL cannot store NUL in text
             errors[name] = "must not contain NUL characters"
+        elif not _encodable(value):
+            errors[name] = "not valid Unicode (a lone surrogate)"
         else:
             values[name] = value
 
@@ -367,6 +371,9 @@ async def _check_credentials(
         else:
             errors[SECRET] = "expected the JSON key file's content as a string"
             return
+    if not _encodable(value):
+        errors[SECRET] = "not valid Unicode (a lone surrogate)"
+        return
     if not value.lstrip().startswith("{"):
         errors[SECRET] = "expected the content of a JSON credentials file (paths are accepted only in the config file)"
         return
@@ -390,6 +397,15 @@ async def _check_credentials(
         return
     values["credentials"] = vault.seal(value)
     values["_plain_credentials"] = value  # for a connection test; never stored
+
+
+def _encodable(value: str) -> bool:
+    """Whether `value` is UTF-8 encodable (JSON's \\ud800 escapes decode to lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _CREDENTIAL_TYPES = frozenset(

@@ -31,9 +31,9 @@ async def import_tasks(request: web.Request) -> web.Response:
     body = await request.read()
     try:
         # Large imports are parsed off the event loop so streams on this worker keep flowing.
-        payload = json.loads(body) if len(body) < 1024**2 else await asyncio.to_thread(json.loads, body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Refused(400, "bad_json", "the body is not valid JSON") from None
+        payload = strict_json(body) if len(body) < 1024**2 else await asyncio.to_thread(strict_json, body)
+    except ValueError:
+        raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
     items = payload if isinstance(payload, list) else [payload]
     try:
         tasks = [normalize_task(item, position) for position, item in enumerate(items, start=1)]
@@ -55,6 +55,13 @@ async def list_tasks(request: web.Request) -> web.Response:
     """`?page=1&page_size=100&storage=<id>&key=<object key>&resolve=true`; `total` counts all matches."""
     await require_admin(request)
     project = request.match_info["project_id"]
+    for name, value in (
+        ("project", project),
+        ("storage", request.query.get("storage")),
+        ("key", request.query.get("key")),
+    ):
+        if value is not None and "\x00" in value:  # no stored value holds NUL; PostgreSQL refuses to compare with one
+            raise Refused(400, "bad_parameter", f"{name}: must not contain NUL characters")
     page = _positive(request, "page", 1)
     page_size = _positive(request, "page_size", 100)
     if page_size > MAX_PAGE_SIZE:
@@ -71,6 +78,16 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response(
         {"total": total, "page": page, "page_size": page_size, "has_next": page * page_size < total, "tasks": tasks}
     )
+
+
+def strict_json(body: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity (which Python accepts) raise ValueError, since
+    they cannot be answered as JSON again and PostgreSQL refuses them."""
+    return json.loads(body, parse_constant=_not_json)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _resolved(task: dict[str, Any]) -> dict[str, Any]:
