@@ -191,6 +191,9 @@ async def update_storage(request: web.Request) -> web.Response:
     storage = await _api_storage(request)
     values = await _checked(request, await _body(request), partial=True, current=storage)
     values.pop("_plain_credentials", None)
+    if values.get("project", storage.project) != storage.project:
+        # Its tasks belong to the project they were imported into; moving the storage would strand them.
+        raise Invalid({"project": "a storage cannot move to another project; create one there"})
     if await request.app[REGISTRY].update_storage(int(storage.id), values) is None:
         raise Refused(404, "unknown_storage", "no such storage")
     await request.app[CATALOG].refresh()
