@@ -184,7 +184,9 @@ class StorageCatalog:
                 log.warning("storage refresh failed: %s", type(exc).__name__)
 
     def all(self) -> list[StorageSettings]:
-        return [*self._config.values(), *(storage for _, storage in self._api.values())]
+        """Config-file storages in file order, then API storages by id (a stable order)."""
+        api = sorted(self._api.items(), key=lambda item: int(item[0]))
+        return [*self._config.values(), *(storage for _, (_, storage) in api)]
 
     def storages_of(self, project: str) -> tuple[StorageSettings, ...]:
         return self._by_project.get(project, ())
