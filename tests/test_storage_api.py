@@ -821,6 +821,9 @@ async def test_credentials_another_instance_cannot_decrypt(world, registry_url, 
         assert instance.app[CATALOG].get(str(storage_id)).google_application_credentials is None
         answer = await instance.call("POST", f"{STORAGES}/{storage_id}/preview", 503)
         assert answer["error"] == "storage_unavailable"
+        # "Test connection" must not quietly test other credentials (Application Default ones).
+        answer = await instance.call("POST", f"{STORAGES}/validate", 400, {"id": storage_id})
+        assert problem in answer["validation_errors"]["google_application_credentials"][0]
         assert_no_secret(json.dumps(shown), credentials)
     # Key rotation: the new key first, the old one still there; saving the credentials again
     # re-encrypts them with the new key, which then suffices.

@@ -218,6 +218,11 @@ async def validate_storage(request: web.Request) -> web.Response:
     current = None
     if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
         current = await _storage(request, str(body["id"]))
+        problem = request.app[CATALOG].problems.get(current.id)
+        if SECRET not in body and current.from_api and not current.google_application_credentials and problem:
+            row = await request.app[REGISTRY].get_storage(int(current.id))
+            if row is not None and row["credentials"]:  # stored, but not readable here: never test others
+                raise Invalid({SECRET: f"the stored credentials cannot be used here: {problem}"}, "bad_credentials")
     values = await _checked(
         request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None, current=current
     )
