@@ -329,6 +329,9 @@ async def test_missing_fields_and_bad_bodies(world):
     api = await world()
     answer = await api.call("POST", STORAGES, 400, {"title": "no project, no bucket"})
     assert set(answer["validation_errors"]) == {"project", "bucket"}
+    answer = await api.call("POST", STORAGES, 400, {"bucket": api.bucket})
+    assert answer["validation_errors"] == {"project": ["this field is required"]}
+    assert answer["message"] == "project: this field is required"
     for body in ("not json", "[1, 2]", ""):
         assert (await api.call("POST", STORAGES, 400, body))["error"] == "bad_json"
     # Read-only fields (a representation sent back) are ignored, not refused.
