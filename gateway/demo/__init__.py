@@ -47,7 +47,10 @@ def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
     )
     settings = load_settings(
         config_file,
-        env={"GATEWAY_AUTH_SECRET": secret_file.read_text(), "GATEWAY_REGISTRY_ENCRYPTION_KEYS": vault_file.read_text()},
+        env={
+            "GATEWAY_AUTH_SECRET": secret_file.read_text(),
+            "GATEWAY_REGISTRY_ENCRYPTION_KEYS": vault_file.read_text(),
+        },
     )
     task_ids = _ensure_tasks(settings, state / "tasks.json")
 
