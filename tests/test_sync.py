@@ -7,6 +7,7 @@ fake-gcs-server as the bucket (and the local backend where it is cheap). Listing
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from gateway.registry.sql import SqlTaskRegistry
 from gateway.storage import Backend, BucketNotFound, ListedObject, client_session
 from gateway.storage.gcs import GcsBackend
 from gateway.storage.local import LocalBackend
-from gateway.sync.engine import Progress, Sync
+from gateway.sync.engine import Progress, Sync, preview
 
 from .conftest import PROJECT, Emulator, build_settings
 
@@ -723,3 +724,282 @@ async def test_a_changed_import_method_or_data_key_reimports(gcs: World) -> None
     _, progress = await gcs.sync(gcs.storage(prefix="x", data_key="file"))
     assert [t.task for t in (await gcs.tasks()).values()] == [{"data": {"file": gcs.bucket.uri("x/tasks.jsonl")}}]
     assert progress.counters["removed"] == 2 and progress.counters["updated"] == 1
+
+
+async def test_removing_more_objects_than_a_statement_may_name(tmp_path: Path, registry: SqlTaskRegistry) -> None:
+    """An emptied bucket (or an edited prefix) removes any number of objects: asyncpg refuses
+    statements with more than 32767 parameters, so removals go in bounded chunks."""
+    from sqlalchemy import insert
+
+    count = 33_000
+    await registry.import_objects("many", PROJECT, [(f"k/{i:06d}", "1", {"data": {"i": i}}) for i in range(3)])
+    async with registry._begin() as conn:
+        await conn.execute(
+            insert(storage_objects_table),
+            [{"storage_id": "many", "object_key": f"k/{i:06d}", "generation": "1"} for i in range(3, count)],
+        )
+    bucket = new_bucket("local", tmp_path, None)
+    world = World(bucket, registry, await make_backend(bucket, None), tmp_path)
+    status, progress = await world.sync(world.storage("many"))
+    assert (status, progress.counters["removed"]) == ("completed", 3)
+    assert await world.tasks("many") == {}
+    assert await object_rows(registry, "many") == {}
+    assert await uri_count(registry) == 0
+
+
+# -- crash safety ------------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingRegistry:
+    """The registry, but its `crash_at`-th write raises (a worker dying between transactions)."""
+
+    WRITES = frozenset({"import_objects", "remove_objects", "upsert_rows", "finish_object"})
+
+    def __init__(self, inner: SqlTaskRegistry, crash_at: int | None = None) -> None:
+        self.inner, self.crash_at, self.writes = inner, crash_at, 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+        if name not in self.WRITES:
+            return method
+
+        async def write(*args: Any, **kwargs: Any) -> Any:
+            self.writes += 1
+            if self.writes == self.crash_at:
+                raise Crash(f"write {self.writes}")
+            return await method(*args, **kwargs)
+
+        return write
+
+
+def crashed(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(crashed(inner) for inner in exc.exceptions)
+    return isinstance(exc, Crash)
+
+
+def content(rows: dict[tuple[str, int], TaskRow]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {where: row.task for where, row in rows.items()}
+
+
+CRASH_FIRST = {f"c/f{i}.jsonl": jsonl(*rows_of(3, tag=str(i))) for i in range(5)}
+
+
+def crash_second(bucket: Bucket) -> None:
+    """Shrink, grow, change, delete and add task files (page boundaries fall among them)."""
+    bucket.put("c/f1.jsonl", jsonl(*rows_of(1, tag="1")))
+    bucket.put("c/f2.jsonl", jsonl(*rows_of(5, tag="2")))
+    bucket.put("c/f3.jsonl", jsonl(*rows_of(1, tag="3"), {"data": {"changed": True}}, *rows_of(1, 2, tag="3")))
+    bucket.delete("c/f4.jsonl")
+    bucket.put("c/f5.jsonl", jsonl(*rows_of(3, tag="5")))
+    bucket.put("c/f6.jsonl", "{broken\n" + jsonl(*rows_of(1, tag="6")))
+
+
+@pytest.mark.parametrize("use_blob_urls", [False, True])
+async def test_a_sync_that_dies_at_any_write_then_runs_again_ends_as_if_never_interrupted(
+    gcs: World, use_blob_urls: bool
+) -> None:
+    """For every write N of a sync: a sync dying just before it, then a sync to the end, leaves
+    exactly the tasks an uninterrupted sync leaves (each N on its own storage of one bucket)."""
+    for key, data in CRASH_FIRST.items():
+        gcs.bucket.put(key, data)
+    options = {"prefix": "c", "use_blob_urls": use_blob_urls}
+    settings = {"batch_size": 2, "page_size": 3}
+
+    counting = CrashingRegistry(gcs.registry)
+    await gcs.sync(gcs.storage("ref", **options), registry=counting, **settings)
+    first_writes = counting.writes
+    reference_first = await gcs.tasks("ref")
+    assert first_writes >= (3 if use_blob_urls else 15)
+
+    async def crash_then_finish(storage_id: str, crash_at: int, reference: dict[tuple[str, int], TaskRow]) -> None:
+        storage = gcs.storage(storage_id, **options)
+        before = await gcs.tasks(storage_id)
+        with pytest.raises(BaseException) as failure:
+            await gcs.sync(storage, registry=CrashingRegistry(gcs.registry, crash_at), **settings)
+        assert crashed(failure.value), failure.value
+        halfway = await gcs.tasks(storage_id)
+        _, progress = await gcs.sync(storage, **settings)
+        after = await gcs.tasks(storage_id)
+        assert content(after) == content(reference), (storage_id, crash_at)
+        assert progress.counters["created"] == len(set(after) - set(halfway))
+        assert progress.counters["removed"] == len(set(halfway) - set(after))
+        for where in set(before) & set(after):  # rows kept through the crash keep their ids
+            if where in halfway:
+                assert after[where].id == before[where].id
+        assert await object_rows(gcs.registry, storage_id) == await object_rows(gcs.registry, "ref")
+
+    for crash_at in range(1, first_writes + 1):
+        await crash_then_finish(f"s{crash_at}", crash_at, reference_first)
+    spare = 8  # storages for the second round's extra writes, synced before the bucket changes
+    for number in range(first_writes + 1, first_writes + spare + 1):
+        await gcs.sync(gcs.storage(f"s{number}", **options), **settings)
+
+    crash_second(gcs.bucket)
+    counting = CrashingRegistry(gcs.registry)
+    await gcs.sync(gcs.storage("ref", **options), registry=counting, **settings)
+    second_writes = counting.writes
+    assert 3 <= second_writes <= first_writes + spare
+    reference_second = await gcs.tasks("ref")
+    for crash_at in range(1, second_writes + 1):
+        await crash_then_finish(f"s{crash_at}", crash_at, reference_second)
+
+
+class Stalling(Recording):
+    """Holds the sync where asked: reading `key` after its first chunk, or listing page `page`."""
+
+    def __init__(self, inner: Backend, key: str | None = None, page: int | None = None) -> None:
+        super().__init__(inner)
+        self.key, self.page = key, page
+        self.stalled = asyncio.Event()
+
+    async def _stall(self) -> None:
+        self.stalled.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    async def list_page(self, prefix: str, recursive: bool, page_token: str | None, page_size: int) -> Any:
+        if self.page is not None and len(self.pages) == self.page:
+            await self._stall()
+        return await super().list_page(prefix, recursive, page_token, page_size)
+
+    async def open(self, key: str, byte_range: Any) -> Any:
+        reader = await super().open(key, byte_range)
+        if key != self.key:
+            return reader
+        stall = self._stall
+
+        class Reader:
+            meta, first, last, partial = reader.meta, reader.first, reader.last, reader.partial
+
+            async def chunks(self) -> AsyncIterator[bytes]:
+                async for chunk in reader.chunks():
+                    yield chunk
+                    await stall()
+
+            def close(self) -> None:
+                reader.close()
+
+        return Reader()
+
+
+@pytest.mark.parametrize("where", ["mid-file", "second-page"])
+async def test_a_cancelled_sync_then_a_new_one_ends_as_if_never_interrupted(gcs: World, where: str) -> None:
+    # Task files written a row per transaction, two pages of them: the cancellation lands amid
+    # the writes of several files at once.
+    for i in range(10):
+        gcs.bucket.put(f"c/f{i}.jsonl", jsonl(*rows_of(20, tag=str(i))))
+    storage = gcs.storage(prefix="c", use_blob_urls=False)
+    settings = {"batch_size": 1, "page_size": 7}
+    await gcs.sync(gcs.storage("ref", prefix="c", use_blob_urls=False))
+    reference = await gcs.tasks("ref")
+    stalling = Stalling(gcs.backend, key="c/f3.jsonl" if where == "mid-file" else None, page=1)
+    running = asyncio.ensure_future(gcs.sync(storage, backend=stalling, **settings))
+    async with asyncio.timeout(30):
+        await stalling.stalled.wait()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    halfway = await gcs.tasks()
+    assert 0 < len(halfway) < len(reference)
+    status, progress = await gcs.sync(storage, **settings)
+    after = await gcs.tasks()
+    assert status == "completed"
+    assert content(after) == content(reference)
+    assert progress.counters["created"] == len(reference) - len(halfway)
+    assert all(after[where].id == row.id for where, row in halfway.items())
+    assert await object_rows(gcs.registry, "src") == await object_rows(gcs.registry, "ref")
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+async def test_metrics_count_what_a_sync_did(gcs: World) -> None:
+    storage_id = f"m{uuid.uuid4().hex[:8]}"
+    for i in range(9):
+        gcs.bucket.put(f"k/{i}.jsonl", jsonl(*rows_of(2)))
+    gcs.bucket.put("k/readme.txt", "no tasks here")
+
+    def values() -> dict[str, float]:
+        return {
+            "listed": sample_value("gateway_sync_objects_listed_total", {"storage": storage_id}),
+            **{
+                action: sample_value("gateway_sync_tasks_total", {"storage": storage_id, "action": action})
+                for action in ("created", "updated", "removed")
+            },
+            "file_errors": sample_value("gateway_sync_errors_total", {"kind": "file"}),
+            "syncs": sample_value("gateway_sync_duration_seconds_count", {"storage": storage_id}),
+        }
+
+    storage = gcs.storage(storage_id, prefix="k", use_blob_urls=False)
+    start = values()
+    await gcs.sync(storage)
+    first = values()
+    assert {k: first[k] - start[k] for k in first} == {
+        "listed": 10,
+        "created": 18,
+        "updated": 0,
+        "removed": 0,
+        "file_errors": 1,
+        "syncs": 1,
+    }
+    gcs.bucket.put("k/0.jsonl", jsonl({"data": {"n": 0, "tag": "new"}}))
+    gcs.bucket.delete("k/1.jsonl")
+    await gcs.sync(storage)
+    second = values()
+    assert {k: second[k] - first[k] for k in second} == {
+        "listed": 9,
+        "created": 0,
+        "updated": 1,
+        "removed": 3,
+        "file_errors": 1,
+        "syncs": 1,
+    }
+
+
+# -- preview ------------------------------------------------------------------------------------
+
+
+async def test_preview_lists_and_parses_without_importing(gcs: World) -> None:
+    for i in range(30):
+        gcs.bucket.put(f"p/{i:02d}.jpg", "x")
+    gcs.bucket.put("p/notes.txt", "x")
+    gcs.bucket.put("q/a.txt", "not tasks")
+    gcs.bucket.put("q/b.jsonl", "{bad\n" + jsonl(*rows_of(30)))
+    answer = await preview(gcs.storage(prefix="p", regex_filter=r".*\.jpg"), gcs.backend, limit=5)
+    assert answer["keys"] == [f"p/{i:02d}.jpg" for i in range(5)]
+    assert answer["tasks"] == [blob(gcs.bucket, key) for key in answer["keys"]]
+    assert answer["errors"] == []
+    answer = await preview(gcs.storage(prefix="q", use_blob_urls=False), gcs.backend, limit=3)
+    assert answer["keys"] == ["q/a.txt", "q/b.jsonl"]
+    assert answer["tasks"] == rows_of(3)
+    assert answer["errors"] == [
+        "q/a.txt: not a task file (expected a .json, .jsonl, .ndjson or .parquet name)",
+        "q/b.jsonl: line 1: not valid JSON (Expecting property name enclosed in double quotes)",
+    ]
+    assert await gcs.tasks() == {}
+    gone = GcsBackend(gcs.backend._session, gcs.bucket.emulator.url, "missing-bucket-x1", None, Settings().upstream)  # type: ignore[attr-defined, union-attr]
+    with pytest.raises(BucketNotFound):
+        await preview(gcs.storage(), gone)
+
+
+async def test_task_ids_are_never_reused(gcs: World) -> None:
+    """A token names tasks by id: an id once given to a removed task must never name another."""
+    for key in ("i/a.jpg", "i/b.jpg", "i/c.jpg"):
+        gcs.bucket.put(key, key)
+    storage = gcs.storage(prefix="i")
+    await gcs.sync(storage)
+    first = await gcs.tasks()
+    newest = max(task.id for task in first.values())
+    assert first[("i/c.jpg", 0)].id == newest
+    gcs.bucket.delete("i/c.jpg")
+    gcs.bucket.put("i/d.jpg", "d")
+    await gcs.sync(storage)
+    after = await gcs.tasks()
+    assert after[("i/d.jpg", 0)].id > newest
+    assert await gcs.registry.task_access(newest) is None
+    [api_task] = await gcs.registry.add_tasks(PROJECT, [{"data": {"image": "gs://bkt/x.jpg"}}])
+    assert api_task > after[("i/d.jpg", 0)].id

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import make_url
@@ -30,6 +31,40 @@ MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps cou
 KEYS_PER_STATEMENT = 1000  # SQLite and asyncpg refuse statements with more than 32766 parameters
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _to_the_end(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A write runs to its commit or rollback even when its caller is cancelled meanwhile (a
+    sync being stopped, a TaskGroup sibling failing); the cancellation is raised after it.
+
+    A transaction cancelled halfway leaves its connection to the garbage collector, and on
+    SQLite that connection keeps the database's write lock: every later write then waits out
+    busy_timeout and fails. Each write is one short transaction, so waiting for it is cheap.
+    """
+
+    @functools.wraps(method)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        cancelled: asyncio.CancelledError | None = None
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:
+                if not task.done():
+                    cancelled = exc
+            except BaseException:
+                pass  # the write's own failure, raised below
+        if cancelled is not None:
+            if not task.cancelled():
+                task.exception()  # retrieved: the cancellation is what the caller gets
+            raise cancelled
+        return task.result()
+
+    return run
+
+
 def async_url(url: str) -> str:
     parsed = make_url(url)
     driver = _ASYNC_DRIVERS.get(parsed.drivername)
@@ -48,6 +83,9 @@ class SqlTaskRegistry:
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
         self._ready = False
         self._schema_lock = asyncio.Lock()
+        # SQLite has one writer at a time: this process's writers take turns here instead of
+        # meeting in SQLite's busy handler, which sleeps (1 ms, 2 ms, 5 ms …) between tries.
+        self._write_turn = asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
 
     async def _ensure_schema(self) -> None:
         if self._ready:
@@ -58,13 +96,13 @@ class SqlTaskRegistry:
                     await conn.run_sync(upgrade)
                 self._ready = True
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         await self._ensure_schema()
-        async with _unavailable(), self._engine.begin() as conn:
+        async with self._write_turn, _unavailable(), self._engine.begin() as conn:
             yield conn
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
         await self._ensure_schema()
         async with _unavailable(), self._engine.connect() as conn:
@@ -72,6 +110,7 @@ class SqlTaskRegistry:
 
     # -- tasks -------------------------------------------------------------------------------
 
+    @_to_the_end
     async def add_tasks(self, project: str, tasks: list[dict[str, Any]]) -> list[int]:
         """Insert tasks in one transaction: all of them, or none."""
         async with self._begin() as conn:
@@ -126,6 +165,7 @@ class SqlTaskRegistry:
 
     # -- source storages created through the API ----------------------------------------------
 
+    @_to_the_end
     async def create_storage(self, values: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
         async with self._begin() as conn:
@@ -144,6 +184,7 @@ class SqlTaskRegistry:
             rows = await conn.execute(select(storages_table).order_by(storages_table.c.id))
             return [dict(row._mapping) for row in rows]
 
+    @_to_the_end
     async def update_storage(self, storage_id: int, values: dict[str, Any]) -> dict[str, Any] | None:
         async with self._begin() as conn:
             result = await conn.execute(
@@ -154,6 +195,7 @@ class SqlTaskRegistry:
             row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one()
         return dict(row._mapping)
 
+    @_to_the_end
     async def delete_storage(self, storage_id: int) -> bool:
         """Forget a storage and its sync history; its tasks stay, detached (as Label Studio keeps them)."""
         key = str(storage_id)
@@ -172,6 +214,7 @@ class SqlTaskRegistry:
 
     # -- sync jobs -----------------------------------------------------------------------------
 
+    @_to_the_end
     async def enqueue_job(self, storage_id: str) -> tuple[dict[str, Any], bool]:
         """A queued job for the storage, or the one already queued or running (and False)."""
         for _ in range(3):
@@ -203,6 +246,7 @@ class SqlTaskRegistry:
                 pass  # another process queued one between our look and our insert: answer with it
         raise RegistryUnavailable("could not queue a sync job")
 
+    @_to_the_end
     async def claim_job(self, worker: str, storage_id: str | None = None) -> dict[str, Any] | None:
         """Take the oldest queued job (of one storage, or any): safe with many workers.
 
@@ -236,6 +280,7 @@ class SqlTaskRegistry:
             row = (await conn.execute(select(sync_jobs_table).where(sync_jobs_table.c.id == job_id))).one()
         return dict(row._mapping)
 
+    @_to_the_end
     async def heartbeat(self, job_id: int, worker: str, counters: dict[str, int], errors: list[str]) -> bool:
         """Record progress; False when the job is no longer this worker's (re-queued meanwhile)."""
         async with self._begin() as conn:
@@ -250,6 +295,7 @@ class SqlTaskRegistry:
             )
             return result.rowcount == 1
 
+    @_to_the_end
     async def finish_job(
         self,
         job_id: int,
@@ -277,6 +323,7 @@ class SqlTaskRegistry:
             )
             return result.rowcount == 1
 
+    @_to_the_end
     async def release_job(self, job_id: int, worker: str) -> None:
         """A worker stopping hands its running job back to the queue."""
         async with self._begin() as conn:
@@ -287,6 +334,7 @@ class SqlTaskRegistry:
                 .values(status="queued", worker=None, heartbeat_at=None)
             )
 
+    @_to_the_end
     async def requeue_stale(self, stale_after: float, max_attempts: int) -> list[int]:
         """Running jobs whose worker stopped heart-beating: queued again, or failed after
         `max_attempts` claims (a sync that kills its worker every time must not loop forever)."""
@@ -364,6 +412,7 @@ class SqlTaskRegistry:
             )
             return [ImportedObject(*row) for row in rows]
 
+    @_to_the_end
     async def import_objects(
         self, storage_id: str, project: str, objects: list[tuple[str, str, dict[str, Any]]]
     ) -> tuple[int, int, int]:
@@ -427,6 +476,7 @@ class SqlTaskRegistry:
             )
         return len(fresh), len(changed), extra.rowcount
 
+    @_to_the_end
     async def remove_objects(self, storage_id: str, keys: list[str]) -> int:
         """Forget objects gone from the bucket (or the storage's scope); returns tasks removed.
         One transaction, in statements of bounded size (databases cap bound parameters)."""
@@ -449,6 +499,7 @@ class SqlTaskRegistry:
                 )
         return removed
 
+    @_to_the_end
     async def upsert_rows(
         self,
         storage_id: str,
@@ -521,6 +572,7 @@ class SqlTaskRegistry:
                 )
         return len(fresh), updated, len(gone)
 
+    @_to_the_end
     async def finish_object(self, storage_id: str, key: str, generation: str, row_count: int) -> int:
         """A task file read to its end: rows beyond it are removed, the generation recorded.
         Returns the number of tasks removed."""
@@ -588,7 +640,7 @@ def _task_dict(row: Any) -> dict[str, Any]:
     return task
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def _unavailable() -> AsyncIterator[None]:
     try:
         yield
