@@ -39,6 +39,7 @@ tasks_table = Table(
     Column("updated_at", Float, nullable=True),
     Index("ix_tasks_project", "project"),
     Index("ux_tasks_source", "storage_id", "object_key", "row", unique=True),
+    sqlite_autoincrement=True,  # ids are never reused (migration 0003): tokens grant tasks by id
 )
 
 task_uris_table = Table(
