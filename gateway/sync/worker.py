@@ -22,7 +22,7 @@ from typing import Any
 from .. import metrics
 from ..catalog import StorageCatalog
 from ..registry import RegistryUnavailable
-from ..storage import StorageError
+from ..storage import BucketNotFound, StorageError
 from .engine import Progress, Sync
 
 log = logging.getLogger("gateway.sync")
@@ -110,6 +110,9 @@ class SyncWorker:
                 sync = Sync(storage, backend, self.registry, self.settings, progress)
                 log.info("sync job %s of storage %s started", job_id, storage_id)
                 status = await self._with_heartbeat(job_id, progress, sync.run())
+            except BucketNotFound as exc:
+                message = f"bucket {storage.bucket!r} does not exist" if storage.type == "gcs" else str(exc)
+                metrics.SYNC_ERRORS.labels("job").inc()
             except StorageError as exc:
                 message = exc.public_message or str(exc)
                 metrics.SYNC_ERRORS.labels("job").inc()
