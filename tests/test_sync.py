@@ -434,6 +434,7 @@ TASK_FILES: dict[str, bytes | str] = {
     "tasks/struct.parquet": _struct_parquet(),
     "tasks/empty.json": "",
     "tasks/empty.jsonl": "",
+    "tasks/empty.parquet": "",
     "tasks/blank.json": "  \n ",
     "tasks/notes.txt": "not tasks",
 }
@@ -488,7 +489,8 @@ async def test_task_files_in_every_format(gcs: World) -> None:
     access = await gcs.registry.task_access(nested)
     assert access is not None and access.uris == frozenset({"gs://bkt/deep/p1.png", "gs://bkt/deep/p2.png"})
     objects = await object_rows(gcs.registry, "src")
-    assert objects["tasks/empty.json"][1] == 0 and objects["tasks/list.json"][1] == 3
+    assert objects["tasks/empty.json"][1] == objects["tasks/empty.parquet"][1] == 0
+    assert objects["tasks/list.json"][1] == 3
     assert "tasks/notes.txt" not in objects
 
 
@@ -1003,3 +1005,27 @@ async def test_task_ids_are_never_reused(gcs: World) -> None:
     assert await gcs.registry.task_access(newest) is None
     [api_task] = await gcs.registry.add_tasks(PROJECT, [{"data": {"image": "gs://bkt/x.jpg"}}])
     assert api_task > after[("i/d.jpg", 0)].id
+
+
+async def test_values_json_cannot_hold_never_reach_the_registry(gcs: World) -> None:
+    """NaN and Infinity: Python's json module reads them, PostgreSQL's JSON refuses them (and
+    one refused row would stop the whole sync). Parquet's NaN is a missing value: null."""
+    import pyarrow as pa
+
+    gcs.bucket.put("n/a.jsonl", jsonl({"n": 1}) + '{"n": NaN}\n' + '{"n": -Infinity}\n' + jsonl({"n": 4}))
+    gcs.bucket.put("n/b.parquet", parquet(pa.table({"x": [1.5, float("nan"), float("inf")], "i": [0, 1, 2]})))
+    gcs.bucket.put("n/c.json", '[{"n": 1}, {"n": NaN}]')
+    status, progress = await gcs.sync(gcs.storage(prefix="n", use_blob_urls=False))
+    assert status == "completed_with_errors"
+    rows = content(await gcs.tasks())
+    assert sorted(rows) == [
+        ("n/a.jsonl", 0),
+        ("n/a.jsonl", 3),
+        *[("n/b.parquet", i) for i in range(3)],
+    ]
+    assert [rows[("n/b.parquet", i)]["data"]["x"] for i in range(3)] == [1.5, None, None]
+    assert sorted(progress.errors)[:2] == [
+        "n/a.jsonl: line 2: not valid JSON (NaN is not a JSON value)",
+        "n/a.jsonl: line 3: not valid JSON (-Infinity is not a JSON value)",
+    ]
+    assert sorted(progress.errors)[2].startswith("n/c.json: malformed JSON")  # ijson refuses NaN

@@ -135,9 +135,12 @@ class Sync:
                 self._count("removed", removed)
         else:
             for start in range(0, len(todo), FILE_CONCURRENCY):
-                async with asyncio.TaskGroup() as group:
-                    for obj in todo[start : start + FILE_CONCURRENCY]:
-                        group.create_task(self._import_file(obj))
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for obj in todo[start : start + FILE_CONCURRENCY]:
+                            group.create_task(self._import_file(obj))
+                except ExceptionGroup as failed:  # the first failure, as a sequential import would raise it
+                    raise failed.exceptions[0] from None
 
     def _stamp(self, obj: ListedObject) -> str:
         """What the registry records of an imported object: its generation, and for one task per

@@ -12,6 +12,7 @@ import base64
 import datetime
 import decimal
 import json
+import math
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from ..registry import BadTask, normalize_task
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 1000
+BOM = b"\xef\xbb\xbf"
 
 
 class FileError(Exception):
@@ -77,8 +79,9 @@ async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, A
     first = b""
     async for chunk in chunks:
         first += chunk
-        if first.strip():
+        if len(first) >= len(BOM) and first.removeprefix(BOM).strip():
             break
+    first = first.removeprefix(BOM)  # as some editors save UTF-8
     head = first.lstrip()[:1]
     if not head:
         return  # an empty file holds no tasks
@@ -95,25 +98,42 @@ async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, A
 
 
 async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
-    """One task per line; blank lines are skipped but keep their number."""
-    buffer = b""
+    """One task per line; blank lines are skipped but keep their number.
+
+    A line longer than a chunk is gathered in pieces and joined once, at its end: each byte is
+    copied a bounded number of times however long the line (a task with an inline image).
+    """
+    pieces: list[bytes] = []
     row = 0
     async for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            pieces.append(chunk[start:end])
+            line = b"".join(pieces)
+            pieces.clear()
             if line.strip():
                 yield row, _json_line(line, row)
             row += 1
-    if buffer.strip():
-        yield row, _json_line(buffer, row)
+            start = end + 1
+        if start < len(chunk):
+            pieces.append(chunk[start:])
+    line = b"".join(pieces)
+    if line.strip():
+        yield row, _json_line(line, row)
 
 
 def _json_line(line: bytes, row: int) -> Any:
     try:
-        return json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(line, parse_constant=_not_json)
+    except UnicodeDecodeError:
+        return RowError("not valid JSON (not UTF-8 text)")
+    except ValueError as exc:  # JSONDecodeError among them
         return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
+
+
+def _not_json(name: str) -> Any:
+    """NaN and ±Infinity: Python reads them, but they are not JSON (PostgreSQL refuses them)."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
@@ -124,9 +144,13 @@ async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int
 
     handle = tempfile.NamedTemporaryFile(prefix="gateway-sync-", suffix=".parquet", delete=False)  # noqa: SIM115
     try:
+        size = 0
         async for chunk in chunks:
             await asyncio.to_thread(handle.write, chunk)
+            size += len(chunk)
         handle.close()
+        if size == 0:
+            return  # an empty file holds no tasks, whatever its format
         try:
             parquet = await asyncio.to_thread(pq.ParquetFile, handle.name)
         except (pyarrow.lib.ArrowException, OSError) as exc:
@@ -149,15 +173,18 @@ async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int
 
 
 def _jsonable(value: Any) -> Any:
-    """Parquet values as JSON values: dates as ISO 8601, decimals as numbers, bytes as base64."""
+    """Parquet values as JSON values: dates as ISO 8601, decimals as numbers, bytes as base64,
+    NaN and infinities as null."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN is how pandas writes a missing number; JSON has no NaN or Infinity
     if isinstance(value, decimal.Decimal):
-        return float(value)
+        return float(value) if value.is_finite() else None
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, datetime.timedelta):

@@ -1,0 +1,208 @@
+"""Task files as streams (gateway/sync/parse.py): chunk boundaries anywhere, bounded memory,
+every problem a row error or a file error. No database or bucket needed."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import io
+import json
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from gateway.sync.parse import FileError, RowError, file_format, parse_task_file
+
+
+async def stream(data: bytes | Iterable[bytes], size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    if isinstance(data, bytes):
+        for start in range(0, len(data), size):
+            yield data[start : start + size]
+    else:
+        for chunk in data:
+            yield chunk
+
+
+async def parse(key: str, data: bytes, size: int = 64 * 1024) -> list[tuple[int, Any]]:
+    return [item async for item in parse_task_file(key, stream(data, size))]
+
+
+def parquet_bytes(columns: dict[str, Any], **options: Any) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink, **options)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("a.json", "json"),
+        ("dir/A.JSON", "json"),
+        ("x.jsonl", "jsonl"),
+        ("x.ndjson", "jsonl"),
+        ("x.parquet", "parquet"),
+        ("x.json.gz", None),
+        ("tasks.json/readme.txt", None),
+        ("json", None),
+    ],
+)
+def test_file_format_by_name(key: str, expected: str | None) -> None:
+    assert file_format(key) == expected
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1 << 16])
+async def test_any_chunking_gives_the_same_rows(size: int) -> None:
+    tasks = [{"data": {"text": "é ü \u2603", "n": i}, "predictions": [{"result": []}]} for i in range(5)]
+    as_list = json.dumps(tasks).encode()
+    assert await parse("t.json", b"\n  " + as_list, size) == list(enumerate(tasks))
+    assert await parse("t.json", b"\xef\xbb\xbf" + as_list, size) == list(enumerate(tasks))  # a BOM
+    assert await parse("t.json", json.dumps(tasks[0]).encode(), size) == [(0, tasks[0])]
+    lines = "\r\n".join(json.dumps(task) for task in tasks).encode()  # CRLF, no final newline
+    assert await parse("t.jsonl", b"\xef\xbb\xbf" + lines, size) == list(enumerate(tasks))
+
+
+async def test_rows_keep_their_numbers_and_errors_say_why() -> None:
+    data = b'{"a": 1}\n\n   \n{"a": \n[1]\n"s"\n{}\n{"data": 3}\n{"a": "\xff"}\n{"n": NaN}\n{"b": 2}'
+    rows = await parse("t.jsonl", data)
+    assert rows == [
+        (0, {"data": {"a": 1}}),
+        (3, RowError("not valid JSON (Expecting value)")),
+        (4, RowError("expected a JSON object, got list")),
+        (5, RowError("expected a JSON object, got str")),
+        (6, RowError("empty task")),
+        (7, RowError("'data' must be a JSON object")),
+        (8, RowError("not valid JSON (not UTF-8 text)")),
+        (9, RowError("not valid JSON (NaN is not a JSON value)")),
+        (10, {"data": {"b": 2}}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"42", "not JSON task data"),
+        (b'"tasks"', "not JSON task data"),
+        (b'[{"a": 1}, {"a": 2}', "malformed JSON"),
+        (b'{"data": {"a": 1}', "malformed JSON in the task"),
+    ],
+)
+async def test_whole_file_problems_are_file_errors(data: bytes, message: str) -> None:
+    with pytest.raises(FileError, match=message):
+        await parse("t.json", data)
+
+
+@pytest.mark.parametrize("key", ["e.json", "e.jsonl", "e.parquet"])
+async def test_empty_files_hold_no_tasks(key: str) -> None:
+    assert await parse(key, b"") == []
+    if not key.endswith("parquet"):
+        assert await parse(key, b" \n\t\n") == []
+
+
+async def test_parquet_columns_become_data_and_values_become_json() -> None:
+    import pyarrow as pa
+
+    data = parquet_bytes(
+        {
+            "image": ["gs://bkt/a.jpg", None],
+            "when": [datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC), None],
+            "day": [datetime.date(2024, 1, 2), datetime.date(2024, 1, 3)],
+            "price": pa.array([decimal.Decimal("1.25"), None], pa.decimal128(5, 2)),
+            "raw": [b"\x00\x01", b""],
+            "tags": [["a", "b"], []],
+            "box": [{"x": 1.5, "y": float("nan")}, {"x": float("inf"), "y": 0.0}],
+        }
+    )
+    rows = await parse("t.parquet", data, 5)
+    assert rows == [
+        (
+            0,
+            {
+                "data": {
+                    "image": "gs://bkt/a.jpg",
+                    "when": "2024-05-06T07:08:09+00:00",
+                    "day": "2024-01-02",
+                    "price": 1.25,
+                    "raw": "AAE=",
+                    "tags": ["a", "b"],
+                    "box": {"x": 1.5, "y": None},
+                }
+            },
+        ),
+        (
+            1,
+            {
+                "data": {
+                    "image": None,
+                    "when": None,
+                    "day": "2024-01-03",
+                    "price": None,
+                    "raw": "",
+                    "tags": [],
+                    "box": {"x": None, "y": 0.0},
+                }
+            },
+        ),
+    ]
+    assert all(json.loads(json.dumps(task, allow_nan=False)) == task for _, task in rows)
+
+
+async def test_parquet_rows_across_row_groups_and_broken_files() -> None:
+    data = parquet_bytes({"n": list(range(2500))}, row_group_size=700)
+    rows = await parse("t.parquet", data, 1000)
+    assert [row for row, _ in rows] == list(range(2500))
+    assert rows[2499] == (2499, {"data": {"n": 2499}})
+    with pytest.raises(FileError, match="not a readable Parquet file"):
+        await parse("t.parquet", b"PAR1 but nothing else")
+    with pytest.raises(FileError, match="Parquet"):
+        await parse("t.parquet", data[: len(data) // 2] + data[-8:])  # footer kept, pages cut
+
+
+def _lines(total_bytes: int) -> Iterable[bytes]:
+    line = json.dumps({"data": {"text": "x" * 200}}).encode() + b"\n"
+    chunk = line * (64 * 1024 // len(line))
+    for _ in range(total_bytes // len(chunk)):
+        yield chunk
+
+
+@pytest.mark.slow
+async def test_memory_stays_bounded_whatever_the_file_size() -> None:
+    """4 MB of JSONL and of a JSON list, streamed: the parser holds a chunk, not the file."""
+
+    async def json_list() -> AsyncIterator[bytes]:
+        yield b"["
+        item = json.dumps({"data": {"text": "x" * 200}}).encode()
+        chunk = b",".join([item] * 250)
+        for number in range(4 * 1024 * 1024 // len(chunk)):
+            yield (b"," if number else b"") + chunk
+        yield b"]"
+
+    for key, chunks in (("big.jsonl", stream(_lines(4 * 1024 * 1024))), ("big.json", json_list())):
+        tracemalloc.start()
+        try:
+            count = 0
+            async for _ in parse_task_file(key, chunks):
+                count += 1
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert count > 15_000, key
+        assert peak < 1024 * 1024, (key, peak)  # a quarter of the file
+
+
+@pytest.mark.slow
+async def test_a_long_line_is_joined_once() -> None:
+    """A 40 MB line (an inline image) arriving in 64 KiB chunks: gathering it by appending
+    chunk after chunk to a growing buffer copies it ~600 times over (seconds); joined once at
+    its end it takes milliseconds."""
+    line = json.dumps({"data": {"image": "data:image/png;base64," + "A" * 40_000_000}}).encode()
+    started = time.perf_counter()
+    rows = await parse("t.jsonl", line + b"\n" + b'{"n": 2}\n')
+    took = time.perf_counter() - started
+    assert [row for row, _ in rows] == [0, 1]
+    assert took < 2.0, took
