@@ -548,3 +548,20 @@ async def test_many_processes_opening_a_fresh_database_at_once(registry_url: str
     finally:
         for registry in registries:
             await registry.close()
+
+
+async def test_an_unexpected_failure_fails_the_job_at_once(cluster: Any, monkeypatch, caplog) -> None:
+    node = await cluster()
+
+    async def broken(self: Sync) -> str:
+        self.progress.add("created", 1)  # it got somewhere before failing
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Sync, "run", broken)
+    job, _ = await node.registry.enqueue_job("src")
+    await node.worker.tick()
+    done = await finished(node.registry, job["id"], timeout=5)  # not after stale_after x max_attempts
+    assert done["status"] == "failed" and "RuntimeError" in done["message"]
+    assert done["attempts"] == 1 and done["counters"]["created"] == 1
+    assert any("failed unexpectedly" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert node.changes == 1  # what it wrote before failing reaches the media path

@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import metrics
 from ..catalog import StorageCatalog
+from ..config import StorageSettings
 from ..registry import RegistryUnavailable
 from ..storage import BucketNotFound, StorageError
 from .engine import Progress, Sync
@@ -78,6 +79,8 @@ class SyncWorker:
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._jobs.discard(task)
         self._wake.set()  # room for the next job
+        if not task.cancelled() and task.exception() is not None:  # retrieved: logged in run_job
+            log.debug("sync job task ended with %r", task.exception())
 
     async def _queue_periodic(self) -> None:
         periodic = {s.id: s.sync_interval for s in self.catalog.all() if s.sync_interval > 0}
@@ -95,12 +98,23 @@ class SyncWorker:
 
     async def run_job(self, job: dict[str, Any], listener: Callable[[Progress], None] | None = None) -> dict[str, Any]:
         """Run a claimed job to its end and record the outcome; returns the finished job."""
-        job_id, storage_id = job["id"], job["storage_id"]
+        storage_id = job["storage_id"]
         storage = self.catalog.get(storage_id)
         if storage is None:  # created through another replica a moment ago?
             await self.catalog.refresh()
             storage = self.catalog.get(storage_id)
         progress = Progress(listener=listener)
+        try:
+            return await self._run_job(job, storage, progress)
+        finally:
+            counters = progress.counters
+            if self._on_change is not None and (counters["created"] or counters["updated"] or counters["removed"]):
+                self._on_change()  # however the job ended, the tasks it changed are changed
+
+    async def _run_job(
+        self, job: dict[str, Any], storage: StorageSettings | None, progress: Progress
+    ) -> dict[str, Any]:
+        job_id, storage_id = job["id"], job["storage_id"]
         status, message = "failed", None
         if storage is None:
             message = "the storage no longer exists"
@@ -123,6 +137,10 @@ class SyncWorker:
                 with contextlib.suppress(Exception):  # stopping: hand the job back at once
                     await asyncio.shield(self.registry.release_job(job_id, self.name))
                 raise
+            except Exception as exc:  # a bug, or data the registry refuses: running it again would not help
+                log.exception("sync job %s of storage %s failed unexpectedly", job_id, storage_id)
+                message = f"the sync failed unexpectedly ({type(exc).__name__}; see the worker's log)"
+                metrics.SYNC_ERRORS.labels("job").inc()
         counters = progress.counters
         if not await self.registry.finish_job(job_id, self.name, status, counters, progress.errors, message):
             log.warning("sync job %s finished after another worker took it over", job_id)
@@ -135,8 +153,6 @@ class SyncWorker:
             ", ".join(f"{k} {v}" for k, v in counters.items()),
             f" ({message})" if message else "",
         )
-        if self._on_change is not None and (counters["created"] or counters["updated"] or counters["removed"]):
-            self._on_change()
         return await self.registry.get_job(job_id) or job
 
     async def _with_heartbeat(self, job_id: int, progress: Progress, work: Any) -> str:
