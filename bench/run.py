@@ -3,7 +3,8 @@
 Starts fake-gcs-server (seeded with a 50 MiB and a 2 GiB object, and a 64 KiB object in a second
 bucket that the gateway answers with signed-URL redirects), the gateway from the working
 tree, an nginx reference proxy and a bare aiohttp server; runs the selected scenarios with their
-targets in alternation; prints one table and writes bench/results/latest.{json,png}.
+targets in alternation (scenario 6 runs `gateway sync` against a synthetic 100,000-object bucket
+and a JSONL task file instead); prints one table and writes bench/results/latest.{json,png}.
 Every process is torn down and the temporary directory removed, also on Ctrl-C.
 Exit code: 0, or 1 when a correctness check failed (or, with --strict, a target was missed),
 2 when the benchmark could not be set up.
@@ -33,8 +34,10 @@ from .objects import BUCKET, SIGNED_BUCKET, seed
 from .procs import ROOT, Bare, BenchError, Emulator, Gateway, Nginx, ensure_tools, nginx_version, tool_version
 from .report import chart, problems, table, write_json
 from .scenarios import NOT_YET, SCENARIOS, Context, ScenarioResult, Target
+from .sync_import import SyncOptions
 
-DEFAULT_SCENARIOS = "1,2,3,4,5"
+DEFAULT_SCENARIOS = "1,2,3,4,5,6"
+SERVING_SCENARIOS = {"1", "2", "3", "4", "5"}  # the ones that need the gateway, nginx and bare servers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,9 +51,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios", default=DEFAULT_SCENARIOS, help=f"comma-separated scenario numbers (default {DEFAULT_SCENARIOS})"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s runs, no 2 GiB object")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round, 2 s runs, no 2 GiB object, smaller sync (6)"
+    )
     parser.add_argument("--access-log", action="store_true", help="run the gateway with its JSON access log on")
     parser.add_argument("--strict", action="store_true", help="also exit 1 when a target is not met")
+    sync = parser.add_argument_group("scenario 6 (sync import)")
+    sync.add_argument(
+        "--sync-objects", type=int, help="objects in the synthetic bucket (default 100000; --quick: 10000)"
+    )
+    sync.add_argument("--jsonl-mb", type=int, help="JSONL task file size in MB (default 100; --quick: 10; 0: none)")
+    sync.add_argument("--big-jsonl", action="store_true", help="a 1,000 MB JSONL task file (4,000,000 lines)")
+    sync.add_argument(
+        "--sync-postgres", action="store_true", help="also sync into a throwaway PostgreSQL cluster (Debian's binaries)"
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="results directory (default bench/results)"
     )
@@ -63,6 +77,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--scenarios: unknown {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
     args.selected = selected
+    args.sync_objects = args.sync_objects or (10_000 if args.quick else 100_000)
+    if args.big_jsonl:
+        args.jsonl_mb = 1000
+    elif args.jsonl_mb is None:
+        args.jsonl_mb = 10 if args.quick else 100
+    if args.sync_objects < 100 or args.jsonl_mb < 0:
+        parser.error("--sync-objects must be at least 100, --jsonl-mb at least 0")
     if args.workers < 1 or args.rounds < 1 or args.duration < 1 or args.warmup < 0:
         parser.error("--workers, --rounds and --duration must be at least 1, --warmup at least 0")
     return args
@@ -126,45 +147,54 @@ def run(args: argparse.Namespace) -> int:
         log(f"bench: working directory {workdir}")
         emulator = Emulator(workdir)
         stack.callback(emulator.stop)
-        with_big = "5" in args.selected and not args.quick
-        log(
-            f"bench: seeding {BUCKET} with a 50 MiB object{' and a 2 GiB object (streamed)' if with_big else ''}, "
-            f"{SIGNED_BUCKET} with a 64 KiB object"
-        )
-        seeded_at = time.monotonic()
-        objects = seed(emulator, with_big)
-        log(f"bench: seeded in {time.monotonic() - seeded_at:.1f}s")
-        # Object metadata must stay cached from the first request to the end of scenario 4.
-        metadata_ttl = max(600, 2 * planned_seconds(args))
-        gateway = Gateway(
-            workdir,
-            emulator,
-            BUCKET,
-            SIGNED_BUCKET,
-            [f"gs://{o.bucket}/{o.key}" for o in objects.values()],
-            workers=args.workers,
-            access_log=args.access_log,
-            metadata_ttl=metadata_ttl,
-        )
-        stack.callback(gateway.stop)
-        nginx = Nginx(
-            workdir, tools["nginx"], emulator.port, args.workers, emulator.media_path(BUCKET, objects["small"].key)
-        )
-        stack.callback(nginx.stop)
-        bare = Bare(workdir, args.workers)
-        stack.callback(bare.stop)
-        log(
-            f"bench: emulator :{emulator.port}, gateway :{gateway.port} ({args.workers} workers, task "
-            f"{gateway.task_id}), nginx :{nginx.port}, bare aiohttp :{bare.port}"
-        )
-        targets = {
-            "direct": Target("direct", emulator.port, lambda o: emulator.media_path(o.bucket, o.key)),
-            "nginx": Target("nginx", nginx.port, lambda o: emulator.media_path(o.bucket, o.key)),
-            "gateway": Target(
-                "gateway", gateway.port, lambda o: gateway.media_path(o.bucket, o.key), gateway.auth_headers
-            ),
-            "bare": Target("bare", bare.port, lambda _o: "/"),
-        }
+        serving = bool(SERVING_SCENARIOS & set(args.selected))
+        objects: dict[str, Any] = {}
+        gateway: Gateway | None = None
+        nginx: Nginx | None = None
+        targets: dict[str, Target] = {}
+        metadata_ttl = 0
+        if serving:  # scenario 6 alone needs none of this: it runs `gateway sync` processes
+            with_big = "5" in args.selected and not args.quick
+            log(
+                f"bench: seeding {BUCKET} with a 50 MiB object{' and a 2 GiB object (streamed)' if with_big else ''}, "
+                f"{SIGNED_BUCKET} with a 64 KiB object"
+            )
+            seeded_at = time.monotonic()
+            objects = seed(emulator, with_big)
+            log(f"bench: seeded in {time.monotonic() - seeded_at:.1f}s")
+            # Object metadata must stay cached from the first request to the end of scenario 4.
+            metadata_ttl = max(600, 2 * planned_seconds(args))
+            gateway = Gateway(
+                workdir,
+                emulator,
+                BUCKET,
+                SIGNED_BUCKET,
+                [f"gs://{o.bucket}/{o.key}" for o in objects.values()],
+                workers=args.workers,
+                access_log=args.access_log,
+                metadata_ttl=metadata_ttl,
+            )
+            stack.callback(gateway.stop)
+            nginx = Nginx(
+                workdir, tools["nginx"], emulator.port, args.workers, emulator.media_path(BUCKET, objects["small"].key)
+            )
+            stack.callback(nginx.stop)
+            bare = Bare(workdir, args.workers)
+            stack.callback(bare.stop)
+            log(
+                f"bench: emulator :{emulator.port}, gateway :{gateway.port} ({args.workers} workers, task "
+                f"{gateway.task_id}), nginx :{nginx.port}, bare aiohttp :{bare.port}"
+            )
+            targets = {
+                "direct": Target("direct", emulator.port, lambda o: emulator.media_path(o.bucket, o.key)),
+                "nginx": Target("nginx", nginx.port, lambda o: emulator.media_path(o.bucket, o.key)),
+                "gateway": Target(
+                    "gateway", gateway.port, lambda o: gateway.media_path(o.bucket, o.key), gateway.auth_headers
+                ),
+                "bare": Target("bare", bare.port, lambda _o: "/"),
+            }
+        else:
+            log(f"bench: emulator :{emulator.port} (no gateway, nginx or bare server: only scenario 6 selected)")
         ctx = Context(
             tools["wrk"],
             workdir,
@@ -176,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
             gateway,
             emulator_url=f"http://{emulator.host}",
             log=log,
+            emulator=emulator,
+            sync=SyncOptions(objects=args.sync_objects, jsonl_mb=args.jsonl_mb, postgres=args.sync_postgres),
         )
         not_yet = {sid for sid, scenario in SCENARIOS.items() if scenario.run is None}
         for sid in sorted(set(args.selected) | not_yet):
@@ -194,11 +226,13 @@ def run(args: argparse.Namespace) -> int:
                 results.append(
                     ScenarioResult(sid, scenario.title, status="error", notes=[f"{type(exc).__name__}: {exc}"])
                 )
-        config = {"gateway_toml": gateway.config.read_text(), "nginx_conf": nginx.config, "metadata_ttl": metadata_ttl}
-        config["gateway_toml"] = "\n".join(
-            line if not line.startswith("secret") else 'secret = "(random per run)"'
-            for line in config["gateway_toml"].splitlines()
-        )
+        config: dict[str, Any] = {"gateway_toml": None, "nginx_conf": None, "metadata_ttl": metadata_ttl}
+        if gateway is not None and nginx is not None:
+            config["nginx_conf"] = nginx.config
+            config["gateway_toml"] = "\n".join(
+                line if not line.startswith("secret") else 'secret = "(random per run)"'
+                for line in gateway.config.read_text().splitlines()
+            )
         object_summary = {role: o.summary() for role, o in objects.items()}
     finally:
         log("bench: stopping processes")
@@ -226,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
             "warmup_s": args.warmup,
             "scenarios": args.selected,
             "access_log": args.access_log,
+            "sync_objects": args.sync_objects,
+            "jsonl_mb": args.jsonl_mb,
+            "sync_postgres": args.sync_postgres,
         },
         "machine": machine,
         "objects": object_summary,
