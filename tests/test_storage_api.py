@@ -786,11 +786,6 @@ async def test_input_the_database_cannot_store_is_a_400(world, registry_url):
     assert (await api.create(title="\U0001f600"))["title"] == "\U0001f600"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/sync/parse.py accepts NaN (json.loads, Parquet floats): SQLite stores tasks no JSON client "
-    "can read, PostgreSQL refuses the batch and the worker leaves the job running until stale_after",
-)
 async def test_a_task_file_with_nan_syncs_on_both_databases(world, registry_url):
     """Python's json accepts NaN; PostgreSQL's json type does not. The bad line must be a row
     error of a completed_with_errors job, not a crashed sync stuck in_progress."""
@@ -898,16 +893,9 @@ async def test_a_sync_that_cannot_list_fails_with_its_reason(world):
     assert failed["last_sync"] is not None and failed["last_sync_count"] == 0
 
 
-async def test_ids_are_never_reused(world, registry_url, request):
+async def test_ids_are_never_reused(world, registry_url):
     """A token minted for a task id must never reach another task's media: a task removed by a
     sync (or a storage deleted) leaves its id unused for ever, as Label Studio's are."""
-    if registry_url.startswith("sqlite"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="gateway/registry: SQLite tables lack AUTOINCREMENT, so the highest deleted id is reused",
-            )
-        )
     api = await world(registry_url, worker=True)
     world.emulator.upload(api.bucket, "reuse/x.jpg", b"first object", "image/jpeg")
     storage = await api.create(prefix="reuse")

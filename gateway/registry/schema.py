@@ -70,6 +70,7 @@ storages_table = Table(
     Column("google_project_id", String(255), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    sqlite_autoincrement=True,  # a deleted storage's id is never given to another
 )
 
 # One row per imported object: its generation when last imported (NULL while an import of it is
@@ -110,4 +111,5 @@ sync_jobs_table = Table(
         sqlite_where=text("status IN ('queued', 'running')"),
         postgresql_where=text("status IN ('queued', 'running')"),
     ),
+    sqlite_autoincrement=True,
 )

@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("google_project_id", sa.String(255), nullable=True),
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
+        sqlite_autoincrement=True,  # a deleted storage's id is never given to another
     )
     op.create_table(
         "storage_objects",
@@ -63,6 +64,7 @@ def upgrade() -> None:
         sa.Column("counters", sa.JSON, nullable=False),
         sa.Column("errors", sa.JSON, nullable=False),
         sa.Column("message", sa.Text, nullable=True),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_sync_jobs_storage", "sync_jobs", ["storage_id", "id"])
     op.create_index("ix_sync_jobs_status", "sync_jobs", ["status"])
