@@ -9,6 +9,7 @@ in the default thread pool, one chunk at a time, so memory stays constant.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mimetypes
 import os
 import stat
@@ -34,6 +35,7 @@ class LocalBackend:
     def __init__(self, root: str, chunk_size: int) -> None:
         self._root = Path(root).resolve()
         self._chunk_size = chunk_size
+        self._cursors: dict[tuple[str, bool, str | None], Iterator[tuple[str, os.stat_result]]] = {}
 
     def _path(self, key: str) -> Path:
         path = (self._root / key).resolve()
@@ -97,16 +99,30 @@ class LocalBackend:
     def _list_page(
         self, prefix: str, recursive: bool, page_token: str | None, page_size: int
     ) -> tuple[list[ListedObject], str | None]:
-        """The page after key `page_token` (a demo and test backend: each page walks again)."""
+        """The page after key `page_token`. The walk of the previous page is resumed when this
+        process still holds it (a listing of many pages stays linear); otherwise it walks again
+        and skips up to the token."""
         if not self._root.is_dir():
             raise BucketNotFound(f"directory {self._root} does not exist")
+        cursor = self._cursors.pop((prefix, recursive, page_token), None)
+        if cursor is None:
+            walk = self._walk(self._root, "", prefix, recursive)
+            if page_token is not None:
+                token = page_token.encode()
+                walk = (item for item in walk if item[0].encode() > token)
+        else:
+            walk = cursor
         page: list[ListedObject] = []
-        for key, st in self._walk(self._root, "", prefix, recursive):
-            if page_token is not None and key.encode() <= page_token.encode():
-                continue
-            if len(page) == page_size:
-                return page, page[-1].key
+        for key, st in walk:
             page.append(ListedObject(key, f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}", st.st_size))
+            if len(page) == page_size:
+                following = next(walk, None)
+                if following is None:
+                    return page, None
+                self._cursors[(prefix, recursive, key)] = itertools.chain([following], walk)
+                while len(self._cursors) > 16:  # abandoned listings
+                    del self._cursors[next(iter(self._cursors))]
+                return page, key
         return page, None
 
     def _walk(self, directory: Path, base: str, prefix: str, recursive: bool) -> Iterator[tuple[str, os.stat_result]]:
