@@ -259,11 +259,13 @@ async def test_a_worker_runs_queued_jobs_and_records_their_outcome(cluster: Any)
     assert done["worker"] == "node0" and done["attempts"] == 1 and done["message"] is None
     assert done["started_at"] <= done["finished_at"]
     assert len(await task_rows(node.registry, "src")) == 3
+    await eventually(lambda: _idle(node), what="the job's task to end")
     assert node.changes == 1  # the media path's task cache is told
 
     again, _ = await node.registry.enqueue_job("src")
     await node.worker.tick()
     assert (await finished(node.registry, again["id"]))["counters"]["created"] == 0
+    await eventually(lambda: _idle(node), what="the job's task to end")
     assert node.changes == 1  # nothing changed: the cache is kept
 
 
@@ -564,4 +566,41 @@ async def test_an_unexpected_failure_fails_the_job_at_once(cluster: Any, monkeyp
     assert done["status"] == "failed" and "RuntimeError" in done["message"]
     assert done["attempts"] == 1 and done["counters"]["created"] == 1
     assert any("failed unexpectedly" in r.getMessage() and r.exc_info for r in caplog.records)
+    await eventually(lambda: _idle(node), what="the job's task to end")
     assert node.changes == 1  # what it wrote before failing reaches the media path
+
+
+async def test_a_cancelled_caller_of_a_write_is_always_told() -> None:
+    """Registry writes finish even when their caller is cancelled, and the caller then gets its
+    CancelledError, also when the write ends in the very loop turn the cancellation arrives in
+    (swallowing it there left `worker.stop()` waiting on a worker loop that never ended)."""
+    from gateway.registry.sql import _to_the_end
+
+    started, release, ended = asyncio.Event(), asyncio.Event(), []
+
+    @_to_the_end
+    async def write() -> int:
+        started.set()
+        await release.wait()
+        ended.append(True)
+        return 1
+
+    caller = asyncio.ensure_future(write())
+    await started.wait()
+    release.set()  # the write's wake-up is queued first …
+    caller.cancel()  # … the caller's cancellation right behind it
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert ended == [True]
+
+    started.clear()
+    release.clear()
+    caller = asyncio.ensure_future(write())
+    await started.wait()
+    caller.cancel()  # cancelled mid-write: the write still ends, then the caller hears of it
+    await asyncio.sleep(0)
+    assert not caller.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert ended == [True, True]

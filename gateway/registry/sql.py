@@ -52,8 +52,9 @@ def _to_the_end(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError as exc:
-                if not task.done():
-                    cancelled = exc
+                if task.cancelled():
+                    raise  # the write itself was cancelled (the loop is closing)
+                cancelled = exc  # the caller was: even if the write ended meanwhile, it is told
             except BaseException:
                 pass  # the write's own failure, raised below
         if cancelled is not None:
