@@ -62,7 +62,7 @@ def selects(storage: StorageSettings) -> Callable[[str], bool]:
 
 
 def blob_task(storage: StorageSettings, key: str) -> dict[str, Any]:
-    return {"data": {storage.data_key: f"gs://{storage.bucket}/{key}"}}
+    return {"data": {storage.data_key: f"gs://{storage.bucket}/{key}"}}  # the URI Sync._uri indexes
 
 
 class Sync:
@@ -129,7 +129,9 @@ class Sync:
             batch = self.settings.batch_size
             for start in range(0, len(todo), batch):
                 objects = [(o.key, self._stamp(o), blob_task(storage, o.key)) for o in todo[start : start + batch]]
-                created, updated, removed = await self.registry.import_objects(storage.id, storage.project, objects)
+                created, updated, removed = await self.registry.import_objects(
+                    storage.id, storage.project, objects, uri_of=self._uri
+                )
                 self._count("created", created)
                 self._count("updated", updated)
                 self._count("removed", removed)
@@ -141,6 +143,9 @@ class Sync:
                             group.create_task(self._import_file(obj))
                 except ExceptionGroup as failed:  # the first failure, as a sequential import would raise it
                     raise failed.exceptions[0] from None
+
+    def _uri(self, key: str) -> str:
+        return f"gs://{self.storage.bucket}/{key}"
 
     def _stamp(self, obj: ListedObject) -> str:
         """What the registry records of an imported object: its generation, and for one task per
