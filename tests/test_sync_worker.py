@@ -7,6 +7,7 @@ database; workers race for jobs; stale jobs are taken back; migrations upgrade o
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -604,3 +605,38 @@ async def test_a_cancelled_caller_of_a_write_is_always_told() -> None:
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert ended == [True, True]
+
+
+# -- `gateway sync` -------------------------------------------------------------------------------
+
+
+async def test_the_sync_command_runs_takes_over_and_reports(cluster: Any, capsys) -> None:
+    from gateway.sync.commands import sync_command
+
+    bucket = bucket_of(cluster)
+    bucket.put("t/a.jsonl", jsonl({"n": 1}, {"n": 2}))
+    node = await cluster()
+    settings = node.catalog.settings
+    async with asyncio.timeout(20):
+        assert await sync_command(settings, ["src"], False) == 0
+    out = capsys.readouterr().out
+    assert "storage src: job 1 completed" in out and "created 2" in out
+
+    # A job left running by a worker that died: the command takes it over once it is stale.
+    bucket.put("t/b.jsonl", jsonl({"n": 3}) + "{bad\n")
+    job, _ = await node.registry.enqueue_job("src")
+    assert await node.registry.claim_job("dead-worker") is not None
+    await set_job(node.registry, job["id"], heartbeat_at=time.time() - 5)
+    async with asyncio.timeout(20):
+        assert await sync_command(settings, ["src"], False) == 1  # completed with errors
+    captured = capsys.readouterr()
+    assert f"job {job['id']} completed_with_errors" in captured.out and "created 1" in captured.out
+    assert "t/b.jsonl: line 2" in captured.err
+    done = await node.registry.get_job(job["id"]) or {}
+    assert done["attempts"] == 2 and done["worker"] != "dead-worker"
+
+    async with asyncio.timeout(20):
+        assert await sync_command(settings, ["src"], True) == 0  # --preview imports nothing
+    preview = json.loads(capsys.readouterr().out)
+    assert preview["storage"] == "src" and preview["keys"] == ["t/a.jsonl", "t/b.jsonl"]
+    assert len(await task_rows(node.registry, "src")) == 3

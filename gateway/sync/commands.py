@@ -77,16 +77,19 @@ async def _run_or_follow(worker: SyncWorker, storage_id: str) -> dict[str, Any]:
             )
             bar.refresh()
 
-        claimed = await registry.claim_job(worker.name, storage_id)
-        if claimed is not None:
-            return await worker.run_job(claimed, listener=lambda progress: show(progress.counters))
-        # Queued or running in another worker: follow it to its end.
+        settings = worker.settings
         while True:
+            claimed = await registry.claim_job(worker.name, storage_id)
+            if claimed is not None:
+                return await worker.run_job(claimed, listener=lambda progress: show(progress.counters))
+            # Running in another worker: follow it to its end, or take it over if that worker
+            # stopped heart-beating (no worker may be running to notice).
             job = await registry.get_job(queued["id"])
             if job is None or job["status"] not in ("queued", "running"):
                 return job or queued
             show(job["counters"])
             await asyncio.sleep(0.5)
+            await registry.requeue_stale(settings.stale_after, settings.max_attempts)
 
 
 def _report(storage_id: str, job: dict[str, Any]) -> int:
