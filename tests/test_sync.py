@@ -728,6 +728,7 @@ async def test_a_changed_import_method_or_data_key_reimports(gcs: World) -> None
     assert progress.counters["removed"] == 2 and progress.counters["updated"] == 1
 
 
+@pytest.mark.slow
 async def test_removing_more_objects_than_a_statement_may_name(tmp_path: Path, registry: SqlTaskRegistry) -> None:
     """An emptied bucket (or an edited prefix) removes any number of objects: asyncpg refuses
     statements with more than 32767 parameters, so removals go in bounded chunks."""
@@ -788,7 +789,7 @@ def content(rows: dict[tuple[str, int], TaskRow]) -> dict[tuple[str, int], dict[
     return {where: row.task for where, row in rows.items()}
 
 
-CRASH_FIRST = {f"c/f{i}.jsonl": jsonl(*rows_of(3, tag=str(i))) for i in range(5)}
+CRASH_FIRST = {f"c/f{i}.jsonl": jsonl(*rows_of(5 if i == 0 else 2, tag=str(i))) for i in range(5)}
 
 
 def crash_second(bucket: Bucket) -> None:
@@ -810,13 +811,13 @@ async def test_a_sync_that_dies_at_any_write_then_runs_again_ends_as_if_never_in
     for key, data in CRASH_FIRST.items():
         gcs.bucket.put(key, data)
     options = {"prefix": "c", "use_blob_urls": use_blob_urls}
-    settings = {"batch_size": 2, "page_size": 3}
+    settings = {"batch_size": 3, "page_size": 3}  # f0 takes two batches, the others one
 
     counting = CrashingRegistry(gcs.registry)
     await gcs.sync(gcs.storage("ref", **options), registry=counting, **settings)
     first_writes = counting.writes
     reference_first = await gcs.tasks("ref")
-    assert first_writes >= (3 if use_blob_urls else 15)
+    assert first_writes >= (2 if use_blob_urls else 11)
 
     async def crash_then_finish(storage_id: str, crash_at: int, reference: dict[tuple[str, int], TaskRow]) -> None:
         storage = gcs.storage(storage_id, **options)
@@ -893,7 +894,7 @@ async def test_a_cancelled_sync_then_a_new_one_ends_as_if_never_interrupted(gcs:
     # Task files written a row per transaction, two pages of them: the cancellation lands amid
     # the writes of several files at once.
     for i in range(10):
-        gcs.bucket.put(f"c/f{i}.jsonl", jsonl(*rows_of(20, tag=str(i))))
+        gcs.bucket.put(f"c/f{i}.jsonl", jsonl(*rows_of(8, tag=str(i))))
     storage = gcs.storage(prefix="c", use_blob_urls=False)
     settings = {"batch_size": 1, "page_size": 7}
     await gcs.sync(gcs.storage("ref", prefix="c", use_blob_urls=False))
@@ -1080,3 +1081,11 @@ async def test_a_task_file_value_naming_an_odd_key_grants_that_object_only(gcs: 
     assert access is not None
     assert "gs://bkt/q" not in access.uris  # an object the task never named
     assert access.uris == frozenset({'gs://bkt/q"uote.jpg'})
+
+
+async def test_prefixes_with_characters_a_url_must_escape(world: World) -> None:
+    for key in ("a b+c&d=e?/é #1.jpg", "a b+c&d=e?/x.jpg", "a b+c&d=e?x.jpg", "a b/other.jpg"):
+        world.bucket.put(key, key)
+    status, _ = await world.sync(world.storage(prefix="a b+c&d=e?"))
+    assert status == "completed"
+    assert keys_of(await world.tasks()) == {"a b+c&d=e?/é #1.jpg", "a b+c&d=e?/x.jpg"}
