@@ -1089,3 +1089,26 @@ async def test_prefixes_with_characters_a_url_must_escape(world: World) -> None:
     status, _ = await world.sync(world.storage(prefix="a b+c&d=e?"))
     assert status == "completed"
     assert keys_of(await world.tasks()) == {"a b+c&d=e?/é #1.jpg", "a b+c&d=e?/x.jpg"}
+
+
+async def test_task_files_stored_gzip_encoded_are_read_decoded(gcs: World) -> None:
+    """`gsutil cp -Z` stores JSON with Content-Encoding: gzip, and the gateway downloads objects
+    as stored: the sync must decode them before parsing."""
+    import gzip
+
+    assert gcs.bucket.emulator is not None
+    body = jsonl(*rows_of(3)).encode()
+    gcs.bucket.emulator.upload(gcs.bucket.name, "z/tasks.jsonl", gzip.compress(body), "application/json", "gzip")
+    gcs.bucket.emulator.upload(
+        gcs.bucket.name, "z/list.json", gzip.compress(json.dumps(rows_of(2)).encode()), "application/json", "gzip"
+    )
+    gcs.bucket.emulator.upload(gcs.bucket.name, "z/broken.json", b"\x1f\x8b not gzip", "application/json", "gzip")
+    status, progress = await gcs.sync(gcs.storage(prefix="z", use_blob_urls=False))
+    assert content(await gcs.tasks()) == {
+        **{("z/tasks.jsonl", i): task for i, task in enumerate(rows_of(3))},
+        **{("z/list.json", i): task for i, task in enumerate(rows_of(2))},
+    }
+    assert status == "completed_with_errors"
+    assert progress.errors == ["z/broken.json: not valid gzip data (the object is stored gzip-encoded)"]
+    answer = await preview(gcs.storage(prefix="z", use_blob_urls=False, regex_filter=".*tasks"), gcs.backend)
+    assert answer["tasks"] == rows_of(3)

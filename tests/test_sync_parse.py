@@ -206,3 +206,41 @@ async def test_a_long_line_is_joined_once() -> None:
     took = time.perf_counter() - started
     assert [row for row, _ in rows] == [0, 1]
     assert took < 2.0, took
+
+
+class StoredReader:
+    """An ObjectReader over bytes, with the content encoding the object is stored with."""
+
+    def __init__(self, data: bytes, encoding: str | None, chunk: int = 64 * 1024) -> None:
+        from gateway.storage import ObjectMeta
+
+        self.meta = ObjectMeta(len(data), '"1"', 0, "application/json", encoding)
+        self._data, self._chunk = data, chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._data), self._chunk):
+            yield self._data[start : start + self._chunk]
+
+    def close(self) -> None:
+        pass
+
+
+async def test_gzip_encoded_objects_are_inflated_a_bounded_piece_at_a_time() -> None:
+    import gzip
+
+    from gateway.sync.engine import decoded
+
+    bomb = gzip.compress(b" " * 50_000_000 + b'{"n": 1}\n')  # ~50 KB stored
+    pieces = [len(piece) async for piece in decoded(StoredReader(bomb, "gzip"))]
+    assert sum(pieces) == 50_000_009 and max(pieces) <= 256 * 1024
+    rows = [item async for item in parse_task_file("t.jsonl", decoded(StoredReader(bomb, "gzip", 1000)))]
+    assert rows == [(0, {"data": {"n": 1}})]
+
+    members = gzip.compress(b'{"n": 1}\n') + gzip.compress(b'{"n": 2}\n')  # concatenated, as gzip allows
+    assert b"".join([c async for c in decoded(StoredReader(members, "gzip", 7))]) == b'{"n": 1}\n{"n": 2}\n'
+    plain = b'{"n": 1}\n'
+    assert b"".join([c async for c in decoded(StoredReader(plain, None))]) == plain
+    with pytest.raises(FileError, match="truncated gzip data"):
+        [c async for c in decoded(StoredReader(gzip.compress(plain * 100)[:-20], "gzip"))]
+    with pytest.raises(FileError, match="not valid gzip data"):
+        [c async for c in decoded(StoredReader(b"\x1f\x8b\x08\x00garbage-garbage", "gzip"))]

@@ -15,7 +15,8 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +24,13 @@ from .. import metrics
 from ..config import StorageSettings, SyncSettings
 from ..registry import ImportedObject
 from ..registry.sql import MAX_JOB_ERRORS, SqlTaskRegistry, empty_counters
-from ..storage import Backend, ListedObject, StorageError
+from ..storage import Backend, ListedObject, ObjectReader, StorageError
 from .parse import FileError, RowError, file_format, parse_task_file
 
 log = logging.getLogger("gateway.sync")
 FILE_CONCURRENCY = 8  # task files of one page read at once
 KNOWN_CHUNK = 1000  # registry objects compared (and removed) at a time
+INFLATED_PIECE = 256 * 1024  # bytes of a gzip-encoded task file inflated at a time
 
 
 @dataclass
@@ -194,7 +196,7 @@ class Sync:
             progress.error("storage", f"{obj.key}: cannot be read ({exc.public_message or exc})")
             return
         try:
-            async for row, item in parse_task_file(obj.key, reader.chunks()):
+            async for row, item in parse_task_file(obj.key, decoded(reader)):
                 for blank in range(count, row):  # blank lines hold no task (any more)
                     bad.append(blank)
                     if len(rows) + len(bad) >= self.settings.batch_size:
@@ -218,6 +220,33 @@ class Sync:
             progress.error("storage", f"{obj.key}: read failed ({exc.public_message or exc})")
         finally:
             reader.close()
+
+
+async def decoded(reader: ObjectReader) -> AsyncIterator[bytes]:
+    """A task file's bytes as written: the gateway downloads objects as stored, and a task file
+    uploaded with `gsutil cp -Z` is stored gzip-encoded. Inflated a bounded piece at a time (a
+    small object may inflate to gigabytes)."""
+    if reader.meta.content_encoding != "gzip":
+        async for chunk in reader.chunks():
+            yield chunk
+        return
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        async for chunk in reader.chunks():
+            while chunk:
+                data = inflate.decompress(chunk, INFLATED_PIECE)
+                if data:
+                    yield data
+                chunk = inflate.unconsumed_tail
+                if inflate.eof and inflate.unused_data:  # concatenated gzip members
+                    chunk, inflate = inflate.unused_data, zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        rest = inflate.flush()
+    except zlib.error:
+        raise FileError("not valid gzip data (the object is stored gzip-encoded)") from None
+    if rest:
+        yield rest
+    if not inflate.eof:
+        raise FileError("truncated gzip data (the object is stored gzip-encoded)")
 
 
 def _where(key: str, row: int) -> str:
@@ -250,7 +279,7 @@ async def preview(storage: StorageSettings, backend: Backend, limit: int = 20) -
             continue
         reader = await backend.open(key, None)
         try:
-            async for row, item in parse_task_file(key, reader.chunks()):
+            async for row, item in parse_task_file(key, decoded(reader)):
                 if isinstance(item, RowError):
                     errors.append(f"{key}: {_where(key, row)}: {item.message}")
                 else:
