@@ -1112,3 +1112,22 @@ async def test_task_files_stored_gzip_encoded_are_read_decoded(gcs: World) -> No
     assert progress.errors == ["z/broken.json: not valid gzip data (the object is stored gzip-encoded)"]
     answer = await preview(gcs.storage(prefix="z", use_blob_urls=False, regex_filter=".*tasks"), gcs.backend)
     assert answer["tasks"] == rows_of(3)
+
+
+async def test_a_task_file_deleted_between_listing_and_reading_is_gone_not_an_error(gcs: World) -> None:
+    gcs.bucket.put("d/a.jsonl", jsonl(*rows_of(2)))
+    gcs.bucket.put("d/b.jsonl", jsonl(*rows_of(2)))
+    storage = gcs.storage(prefix="d", use_blob_urls=False)
+    await gcs.sync(storage)
+    gcs.bucket.put("d/a.jsonl", jsonl(*rows_of(3)))  # changed: it will be read again …
+
+    class Racing(Recording):
+        async def open(self, key: str, byte_range: Any) -> Any:
+            if key == "d/a.jsonl":
+                gcs.bucket.delete(key)  # … but it is deleted after the listing
+            return await super().open(key, byte_range)
+
+    status, progress = await gcs.sync(storage, backend=Racing(gcs.backend))
+    assert (status, progress.counters["removed"], progress.errors) == ("completed", 2, [])
+    assert keys_of(await gcs.tasks()) == {"d/b.jsonl"}
+    assert "d/a.jsonl" not in await object_rows(gcs.registry, "src")

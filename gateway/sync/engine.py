@@ -25,6 +25,7 @@ from ..config import StorageSettings, SyncSettings
 from ..registry import ImportedObject
 from ..registry.sql import MAX_JOB_ERRORS, SqlTaskRegistry, empty_counters
 from ..storage import Backend, ListedObject, ObjectReader, StorageError
+from ..storage.base import ObjectNotFound
 from .parse import FileError, RowError, file_format, parse_task_file
 
 log = logging.getLogger("gateway.sync")
@@ -192,6 +193,9 @@ class Sync:
             return
         try:
             reader = await self.backend.open(obj.key, None)
+        except ObjectNotFound:  # deleted since it was listed: gone, as the next listing would say
+            self._count("removed", await registry.remove_objects(storage.id, [obj.key]))
+            return
         except StorageError as exc:
             progress.error("storage", f"{obj.key}: cannot be read ({exc.public_message or exc})")
             return
