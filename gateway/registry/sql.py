@@ -479,8 +479,9 @@ class SqlTaskRegistry:
                     storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key.in_(keys)
                 )
             )
-            await conn.execute(
-                insert(storage_objects_table),
+            await _insert_many(
+                conn,
+                storage_objects_table,
                 [
                     {"storage_id": storage_id, "object_key": key, "generation": gen, "task_count": 1}
                     for key, gen, _ in objects
@@ -616,7 +617,7 @@ async def _insert_tasks(
     ids in the order given."""
     if not rows:
         return []
-    if rows[0].get("storage_id") is not None:
+    if rows[0].get("storage_id") is not None and conn.dialect.name == "sqlite":
         ids = await _insert_synced(conn, rows)
     else:
         result = await conn.execute(insert(tasks_table).returning(tasks_table.c.id, sort_by_parameter_order=True), rows)
@@ -624,9 +625,21 @@ async def _insert_tasks(
     if uris is None:
         uris = [find_gs_uris(row["task"]["data"]) for row in rows]
     links = [{"task_id": task_id, "uri": uri} for task_id, found in zip(ids, uris, strict=True) for uri in found]
-    if links:
-        await conn.execute(insert(task_uris_table), links)
+    await _insert_many(conn, task_uris_table, links)
     return ids
+
+
+async def _insert_many(conn: AsyncConnection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Many rows: SQLite's executemany is one call; asyncpg's runs the statement once per row,
+    so PostgreSQL gets multi-row VALUES statements instead (a sync page: 41 ms -> a few ms)."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        await conn.execute(insert(table), rows)
+        return
+    step = max(1, 30000 // len(rows[0]))  # PostgreSQL's protocol allows 32767 parameters
+    for start in range(0, len(rows), step):
+        await conn.execute(insert(table).values(rows[start : start + step]))
 
 
 async def _insert_synced(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
