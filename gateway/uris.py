@@ -76,6 +76,12 @@ def encode_fileuri(uri: str) -> str:
     return base64.urlsafe_b64encode(uri.encode("utf-8")).decode("ascii").rstrip("=")
 
 
+def _whole_uri(text: str) -> bool:
+    """A string that is one URI and nothing else (its key may hold spaces, quotes or brackets:
+    cutting it at such a character would name, and grant, another object)."""
+    return text.startswith("gs://") and text.count("gs://") == 1 and "\n" not in text and "\r" not in text
+
+
 def find_gs_uris(data: Any) -> set[str]:
     """Every gs:// URI anywhere in task data: nested lists and dicts, and inside strings."""
     return set(_walk(data))
@@ -84,7 +90,7 @@ def find_gs_uris(data: Any) -> set[str]:
 def _walk(value: Any) -> Iterator[str]:
     if isinstance(value, str):
         stripped = value.strip()
-        if stripped.startswith("gs://") and stripped.count("gs://") == 1 and not any(c in stripped for c in "\"'<>\n"):
+        if _whole_uri(stripped):
             yield stripped  # a whole-string URI may contain spaces in its key
         else:
             # In prose a URI is often followed by punctuation: "see gs://b/a.png, then …".
@@ -101,7 +107,7 @@ def resolve_uris(data: Any, url_for: Callable[[str], str]) -> Any:
     """A copy of task data with every gs:// URI (those `find_gs_uris` finds) replaced by `url_for(uri)`."""
     if isinstance(data, str):
         stripped = data.strip()
-        if stripped.startswith("gs://") and stripped.count("gs://") == 1 and not any(c in stripped for c in "\"'<>\n"):
+        if _whole_uri(stripped):
             return url_for(stripped)
 
         def replace(match: re.Match[str]) -> str:

@@ -1069,11 +1069,6 @@ async def test_keys_in_byte_order_with_any_characters(gcs: World) -> None:
     assert writes == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/uris.py (not the sync's): a whole-string gs:// value holding a quote or <> is not taken "
-    "whole; the free-text pattern cuts it at that character and indexes another object's URI",
-)
 async def test_a_task_file_value_naming_an_odd_key_grants_that_object_only(gcs: World) -> None:
     gcs.bucket.put("t/odd.json", json.dumps({"data": {"image": 'gs://bkt/q"uote.jpg'}}))
     await gcs.sync(gcs.storage(prefix="t", use_blob_urls=False))
