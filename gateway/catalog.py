@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -210,8 +209,3 @@ class StorageCatalog:
         for backend in self._backends.values():
             with contextlib.suppress(Exception):
                 await backend.close()
-
-
-def public_storage(storage: StorageSettings) -> StorageSettings:
-    """The settings without the credentials, for anything that may be shown or logged."""
-    return dataclasses.replace(storage, google_application_credentials=None)

@@ -292,11 +292,7 @@ class SqlTaskRegistry:
         async with self._begin() as conn:
             result = await conn.execute(
                 update(sync_jobs_table)
-                .where(
-                    sync_jobs_table.c.id == job_id,
-                    sync_jobs_table.c.worker == worker,
-                    sync_jobs_table.c.status == "running",
-                )
+                .where(*_held_by(job_id, worker))
                 .values(heartbeat_at=time.time(), counters=counters, errors=errors[:MAX_JOB_ERRORS])
             )
             return result.rowcount == 1
@@ -314,11 +310,7 @@ class SqlTaskRegistry:
         async with self._begin() as conn:
             result = await conn.execute(
                 update(sync_jobs_table)
-                .where(
-                    sync_jobs_table.c.id == job_id,
-                    sync_jobs_table.c.worker == worker,
-                    sync_jobs_table.c.status == "running",
-                )
+                .where(*_held_by(job_id, worker))
                 .values(
                     status=status,
                     finished_at=time.time(),
@@ -335,8 +327,7 @@ class SqlTaskRegistry:
         async with self._begin() as conn:
             await conn.execute(
                 update(sync_jobs_table)
-                .where(sync_jobs_table.c.id == job_id, sync_jobs_table.c.worker == worker)
-                .where(sync_jobs_table.c.status == "running")
+                .where(*_held_by(job_id, worker))
                 .values(status="queued", worker=None, heartbeat_at=None)
             )
 
@@ -608,6 +599,11 @@ class SqlTaskRegistry:
                     insert(storage_objects_table).values(storage_id=storage_id, object_key=key, **values)
                 )
             return result.rowcount
+
+
+def _held_by(job_id: int, worker: str) -> tuple[Any, ...]:
+    """The job, while it is running in this worker (not re-queued or taken over meanwhile)."""
+    return (sync_jobs_table.c.id == job_id, sync_jobs_table.c.worker == worker, sync_jobs_table.c.status == "running")
 
 
 async def _insert_tasks(
