@@ -104,7 +104,7 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
         await session.close()
         await app[REGISTRY].close()
         raise
-    refresher = asyncio.create_task(catalog.run())
+    refresher = asyncio.create_task(catalog.run(on_tasks_changed=app[TASKS].forget))
     yield
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):

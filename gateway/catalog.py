@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -173,14 +174,30 @@ class StorageCatalog:
             by_project.setdefault(storage.project, []).append(storage)
         self._by_project = {project: tuple(storages) for project, storages in by_project.items()}
 
-    async def run(self) -> None:
-        """Reload periodically until cancelled; a registry outage only delays the next reload."""
+    async def run(self, on_tasks_changed: Callable[[], None] | None = None) -> None:
+        """Reload periodically until cancelled; a registry outage only delays the next reload.
+
+        `on_tasks_changed` is called when a sync finished anywhere since the last look (syncs
+        update and remove tasks: the media path's task cache must not keep serving them).
+        """
+        seen = await self._last_sync_finished() if on_tasks_changed else None
         while True:
             await asyncio.sleep(self.settings.registry.storage_refresh)
             try:
                 await self.refresh()
+                if on_tasks_changed is not None:
+                    latest = await self._last_sync_finished()
+                    if latest != seen:
+                        seen = latest
+                        on_tasks_changed()
             except Exception as exc:  # keep serving the last snapshot
                 log.warning("storage refresh failed: %s", type(exc).__name__)
+
+    async def _last_sync_finished(self) -> float | None:
+        try:
+            return await self.registry.last_sync_finished()
+        except Exception:  # the loop reports registry trouble
+            return None
 
     def all(self) -> list[StorageSettings]:
         """Config-file storages in file order, then API storages by id (a stable order)."""

@@ -913,3 +913,35 @@ async def test_ids_are_never_reused(world, registry_url):
     assert (new, second["id"]) != (old["id"], storage["id"])
     assert new != old["id"], "a removed task's id was given to a new task"
     assert second["id"] != storage["id"], "a deleted storage's id was given to a new storage"
+
+
+async def test_a_task_a_sync_removed_elsewhere_stops_being_served_within_storage_refresh(world, registry_url):
+    """Task grants are cached (task_cache_ttl, 60 s by default); a sync that removes a task in
+    another process must not leave it served that long: every process drops its task cache when
+    a sync has finished anywhere (seen within [registry] storage_refresh, 0.2 s here)."""
+    syncer = await world(registry_url, worker=True)
+    server = await world(registry_url)
+    storage = await syncer.create(prefix="images")
+    await syncer.call("POST", f"{STORAGES}/{storage['id']}/sync", 202)
+    await syncer.wait_status(storage["id"])
+    tasks = (await syncer.call("GET", f"/api/projects/{API_PROJECT}/tasks?storage={storage['id']}", 200))["tasks"]
+    task = next(t for t in tasks if t["storage_filename"] == "images/a.jpg")
+    url = f"/tasks/{task['id']}/resolve/?fileuri={fileuri(f'gs://{server.bucket}/images/a.jpg')}"
+    token = {"Authorization": f"Bearer {make_token(tasks=[task['id']])}"}
+    started = time.monotonic()
+    while (await server.client.get(url, headers=token)).status != 200:  # `server` learns of the storage
+        assert time.monotonic() - started < 5, "the storage never reached the other process"
+        await asyncio.sleep(0.02)
+    # The task's grant is now cached by `server`.
+
+    # The object stays in the bucket; the storage's scope no longer holds it.
+    await syncer.call("PATCH", f"{STORAGES}/{storage['id']}", 200, {"regex_filter": r".*\.png$"})
+    job = (await syncer.call("POST", f"{STORAGES}/{storage['id']}/sync", 202))["last_sync_job"]
+    done = await syncer.wait_status(storage["id"])
+    assert done["last_sync_job"] == job and done["meta"]["removed"] >= 1
+    started = time.monotonic()
+    while (answer := await server.client.get(url, headers=token)).status != 404:
+        assert answer.status == 200
+        assert time.monotonic() - started < 5, "another process kept serving a task the sync removed"
+        await asyncio.sleep(0.02)
+    assert (await answer.json())["error"] == "unknown_task"

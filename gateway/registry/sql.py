@@ -350,6 +350,11 @@ class SqlTaskRegistry:
                 )
         return [job_id for job_id, _ in rows]
 
+    async def last_sync_finished(self) -> float | None:
+        """When the latest sync job ended (any storage): a cheap signal that tasks changed."""
+        async with self._connect() as conn:
+            return (await conn.execute(select(func.max(sync_jobs_table.c.finished_at)))).scalar_one_or_none()
+
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         async with self._connect() as conn:
             row = (await conn.execute(select(sync_jobs_table).where(sync_jobs_table.c.id == job_id))).one_or_none()
