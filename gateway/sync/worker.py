@@ -78,6 +78,10 @@ class SyncWorker:
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # the registry went away mid-job
+            log.warning(
+                "sync job ended without a result (%s); it is re-queued once stale", type(task.exception()).__name__
+            )
         self._wake.set()  # room for the next job
         if not task.cancelled() and task.exception() is not None:  # retrieved: logged in run_job
             log.debug("sync job task ended with %r", task.exception())
