@@ -149,6 +149,51 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    worker: bool = True  # `gateway serve` runs the export worker (with the sync worker)
+    poll_interval: float = 0.5  # seconds between looks at the outbox (events in this process wake it)
+    batch: int = 50  # deliveries leased at once
+    concurrency: int = 8  # uploads at once per worker
+    lease_seconds: float = 60.0  # a leased delivery is retried by anyone after this (a dead worker)
+    retry_base: float = 1.0  # seconds before the first retry of a failed upload, doubled each time
+    retry_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class ExportStorageSettings:
+    """A target storage (Label Studio's "Add Target Storage"): annotations written as JSON objects."""
+
+    id: str
+    project: str
+    type: str
+    bucket: str
+    prefix: str = ""
+    can_delete_objects: bool = False
+    json_extension: bool = False  # `<prefix>/<annotation_id>.json` instead of Label Studio's `<prefix>/<id>`
+    google_application_credentials: str | None = field(default=None, repr=False)
+    google_project_id: str | None = None
+    root: str | None = None
+    title: str = ""
+    description: str = ""
+    presign: bool = False  # never used for export; lets the storage backends treat both kinds alike
+
+    def object_key(self, annotation_id: int) -> str:
+        name = f"{annotation_id}.json" if self.json_extension else str(annotation_id)
+        return f"{self.prefix}{name}"
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """`POST /api/webhooks/label-studio`: a shared secret in a header, or an HMAC-SHA256 signature."""
+
+    secret: str | None = field(default=None, repr=False)  # Label Studio sends it as a static header
+    header: str = "X-Gateway-Webhook-Secret"
+    hmac_secret: str | None = field(default=None, repr=False)
+    signature_header: str = "X-Signature-256"  # "sha256=<hex of HMAC-SHA256(body)>"
+    project_map: tuple[str, ...] = ()  # "<Label Studio project id>=<gateway project>"; default: the same id
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -157,7 +202,10 @@ class Settings:
     upstream: UpstreamSettings = UpstreamSettings()
     cors: CorsSettings = CorsSettings()
     sync: SyncSettings = SyncSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    export: ExportSettings = ExportSettings()
     storages: tuple[StorageSettings, ...] = ()
+    export_storages: tuple[ExportStorageSettings, ...] = ()
     source: str = "<defaults>"
 
     def storages_of(self, project: str) -> tuple[StorageSettings, ...]:
@@ -172,6 +220,8 @@ _SECTIONS = {
     "upstream": UpstreamSettings,
     "cors": CorsSettings,
     "sync": SyncSettings,
+    "webhooks": WebhookSettings,
+    "export": ExportSettings,
 }
 
 
@@ -198,7 +248,7 @@ def load_settings(path: str | os.PathLike[str] | None, env: dict[str, str] | Non
 def settings_from_dict(
     raw: dict[str, Any], env: dict[str, str], source: str = "<dict>", base_dir: Path | None = None
 ) -> Settings:
-    unknown = set(raw) - set(_SECTIONS) - {"storages"}
+    unknown = set(raw) - set(_SECTIONS) - {"storages", "export_storages"}
     if unknown:
         raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
     sections: dict[str, Any] = {}
@@ -220,7 +270,19 @@ def settings_from_dict(
             where = f"[[storages]] id={table['id']!r}"
             table = _with_storage_env_overrides(table, env)
         built.append(_validate_storage(_build(StorageSettings, table, where), where, base_dir))
-    settings = Settings(**sections, storages=tuple(built), source=source)
+    targets = raw.get("export_storages", [])
+    if not isinstance(targets, list):
+        raise ConfigError("[[export_storages]]: expected an array of tables")
+    built_targets = []
+    for index, table in enumerate(targets):
+        where = f"[[export_storages]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if "id" in table:
+            where = f"[[export_storages]] id={table['id']!r}"
+            table = _with_storage_env_overrides(table, env)
+        built_targets.append(_validate_target(_build(ExportStorageSettings, table, where), where, base_dir))
+    settings = Settings(**sections, storages=tuple(built), export_storages=tuple(built_targets), source=source)
     validate(settings)
     return settings
 
@@ -269,7 +331,7 @@ def _base_type(annotation: Any) -> Any:
     return origin or hint
 
 
-_SECRET_FIELDS = frozenset({"secret", "google_application_credentials", "encryption_keys"})
+_SECRET_FIELDS = frozenset({"secret", "hmac_secret", "google_application_credentials", "encryption_keys"})
 
 
 def _build(cls: type, table: dict[str, Any], where: str) -> Any:
@@ -335,6 +397,32 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
         raise ConfigError(f"{where}.presign: signed URLs need type 'gcs'")
     if not 1 <= s.presign_ttl <= 10080:
         raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
+    if s.type == "local":
+        if not s.root:
+            raise ConfigError(f"{where}.root: required for type 'local'")
+        root = Path(s.root)
+        if not root.is_absolute() and base_dir is not None:
+            root = base_dir / root
+        if not root.is_dir():
+            raise ConfigError(f"{where}.root: {str(root)!r} is not a directory")
+        return dataclasses.replace(s, root=str(root.resolve()))
+    if s.root:
+        raise ConfigError(f"{where}.root: only for type 'local'")
+    return s
+
+
+def _validate_target(s: ExportStorageSettings, where: str, base_dir: Path | None) -> ExportStorageSettings:
+    if not s.id or s.id.isdigit():
+        raise ConfigError(f"{where}.id: use a name with a letter in it")
+    if s.type not in ("gcs", "local"):
+        raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
+    if not BUCKET_RE.fullmatch(s.bucket):
+        raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
+    if s.prefix.startswith("/"):
+        raise ConfigError(f"{where}.prefix: must not start with '/'")
+    if s.presign:
+        raise ConfigError(f"{where}.presign: not a setting of export storages")
+    s = dataclasses.replace(s, prefix=normalize_prefix(s.prefix))
     if s.type == "local":
         if not s.root:
             raise ConfigError(f"{where}.root: required for type 'local'")
@@ -442,6 +530,17 @@ def validate(settings: Settings) -> None:
     for key in settings.registry.encryption_keys:
         if len(key) < 32:
             raise ConfigError("[registry].encryption_keys: use keys of at least 32 characters")
+    for entry in settings.webhooks.project_map:
+        if not re.fullmatch(r"[^=\s]+=[^=\s]+", entry):
+            raise ConfigError(f"[webhooks].project_map: {entry!r} is not '<Label Studio project id>=<project>'")
+    for name in ("secret", "hmac_secret"):
+        if len(getattr(settings.webhooks, name) or "x" * 16) < 16:
+            raise ConfigError(f"[webhooks].{name}: use at least 16 characters")
+    seen_targets: set[str] = set()
+    for t in settings.export_storages:
+        if t.id in seen_targets:
+            raise ConfigError(f"[[export_storages]] id={t.id!r}: duplicate id")
+        seen_targets.add(t.id)
     seen: set[str] = set()
     for s in settings.storages:
         if s.id in seen:
