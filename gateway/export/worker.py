@@ -1,0 +1,164 @@
+"""The export worker: leases pending deliveries, writes each annotation's current state as a JSON
+object to its target storage (or deletes it), and records the version written.
+
+Failures (GCS unreachable, throttling, refused credentials) are retried with exponential backoff
+and never lost: the outbox row stays pending until a write succeeds. A worker that dies holding a
+lease only delays its deliveries until the lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import socket
+import uuid
+from typing import Any
+
+import aiohttp
+
+from .. import metrics
+from ..config import ExportStorageSettings, Settings
+from ..registry import RegistryUnavailable
+from ..registry.outbox import Delivery, Outbox
+from ..registry.sql import SqlTaskRegistry
+from ..storage import StorageError, build_backend, load_storage_credential
+
+log = logging.getLogger("gateway.export")
+
+
+def object_bytes(body: dict[str, Any]) -> bytes:
+    """The object's content: the annotation JSON, keys sorted so equal states are equal bytes."""
+    return json.dumps(body, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ExportWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SqlTaskRegistry,
+        session: aiohttp.ClientSession | None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings.export
+        self.outbox = Outbox(registry)
+        self.targets: dict[str, ExportStorageSettings] = {t.id: t for t in settings.export_storages}
+        self.name = name or f"export:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._settings = settings
+        self._session = session
+        self._backends: dict[str, Any] = {}
+        self._wake = asyncio.Event()
+
+    def start(self) -> None:
+        """Backends of the target storages (credentials with write scope); errors stop start-up."""
+        for target in self.targets.values():
+            credentials = load_storage_credential(target, write=True)  # type: ignore[arg-type]
+            self._backends[target.id] = build_backend(self._settings, target, self._session, credentials)  # type: ignore[arg-type]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        log.info("export worker %s started (%d target storages)", self.name, len(self.targets))
+        while True:
+            try:
+                done = await self.drain_once()
+                await self._report()
+            except RegistryUnavailable as exc:
+                log.warning("export worker: registry unavailable (%s); retrying", exc)
+                done = 0
+            except Exception:
+                log.exception("export worker: unexpected error; retrying")
+                done = 0
+            if done:
+                continue  # more may be waiting
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def drain_once(self) -> int:
+        """Deliver one leased batch; the number of deliveries attempted."""
+        leased = await self.outbox.lease(self.name, self.settings.batch, self.settings.lease_seconds)
+        gate = asyncio.Semaphore(self.settings.concurrency)
+
+        async def one(delivery: Delivery) -> None:
+            async with gate:
+                try:
+                    # Well inside the lease, so another worker never takes over a live upload.
+                    async with asyncio.timeout(self.settings.lease_seconds * 0.8):
+                        await self._deliver(delivery)
+                except RegistryUnavailable:
+                    raise  # the lease ends and the delivery is retried; run() waits a little
+                except Exception as exc:  # never leave a delivery leased for a bug or a timeout
+                    if not isinstance(exc, TimeoutError):
+                        log.exception("export of annotation %s failed unexpectedly", delivery.annotation_id)
+                    reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+                    await self.outbox.failed(delivery, self.name, f"export failed: {reason}", self._retry_in(delivery))
+
+        await asyncio.gather(*(one(d) for d in leased))
+        return len(leased)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        target = self.targets.get(delivery.target_id)
+        if target is None:
+            await self.outbox.failed(
+                delivery, self.name, "the target storage is not configured", self.settings.retry_max
+            )
+            return
+        state = await self.outbox.state(delivery.annotation_id)
+        if state is None:  # cannot happen: deliveries are written with their annotation
+            await self.outbox.failed(delivery, self.name, "the annotation is unknown", self.settings.retry_max)
+            return
+        backend = self._backends[target.id]
+        key = target.object_key(delivery.annotation_id)
+        operation = "upload"
+        try:
+            if state.deleted or state.body is None:
+                operation = "delete" if target.can_delete_objects else "kept"
+                if target.can_delete_objects:
+                    await backend.delete_object(key)
+            else:
+                data = object_bytes(state.body)
+                digest = base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS md5Hash, not security
+                if await backend.object_md5(key) == digest:
+                    operation = "unchanged"
+                else:
+                    await backend.put_object(key, data, "application/json")
+        except StorageError as exc:
+            metrics.EXPORT_WRITES.labels(target.id, operation, "failed").inc()
+            retry_in = self._retry_in(delivery)
+            reason = exc.public_message or str(exc)
+            log.warning(
+                "export of annotation %s to %s failed (%s); retry in %.1f s",
+                delivery.annotation_id,
+                target.id,
+                reason,
+                retry_in,
+            )
+            await self.outbox.failed(delivery, self.name, f"{operation} failed: {reason}", retry_in)
+            return
+        metrics.EXPORT_WRITES.labels(target.id, operation, "ok").inc()
+        await self.outbox.delivered(delivery, self.name, state.version)
+
+    def _retry_in(self, delivery: Delivery) -> float:
+        """Exponential backoff with jitter, capped at retry_max."""
+        retry_in = min(self.settings.retry_max, self.settings.retry_base * 2 ** min(delivery.attempts, 20))
+        return retry_in * random.uniform(0.8, 1.2)
+
+    async def _report(self) -> None:
+        status = await self.outbox.status(list(self.targets))
+        for target_id, values in status.items():
+            metrics.EXPORT_PENDING.labels(target_id).set(values["pending"])
+            metrics.EXPORT_OLDEST.labels(target_id).set(values["oldest_pending_seconds"] or 0)
+
+    async def stop(self, main: asyncio.Task[Any]) -> None:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main

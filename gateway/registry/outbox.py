@@ -1,0 +1,262 @@
+"""The export outbox: annotation events recorded durably, delivered to target storages later.
+
+An event is answered only after its transaction commits: the annotation's latest state (a
+version that grows by one per event) and, for each target storage of its project, the version
+wanted there. Workers lease pending deliveries, write the annotation's *current* state, and
+record the version they wrote. So an older version never overwrites a newer one, a delete after
+an update deletes, a redelivered event rewrites the same object (idempotent), and several
+workers never upload the same annotation to the same storage at once (the lease).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from .schema import annotations_table, deliveries_table
+from .sql import SqlTaskRegistry, _to_the_end
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    target_id: str
+    annotation_id: int
+    version: int  # the annotation's version to deliver (or newer)
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnnotationState:
+    version: int
+    body: dict[str, Any] | None
+    deleted: bool
+
+
+def _pending(now: float) -> Any:
+    d = deliveries_table.c
+    return and_(
+        d.wanted_version > d.delivered_version,
+        d.next_attempt_at <= now,
+        or_(d.lease_until.is_(None), d.lease_until < now),
+    )
+
+
+class Outbox:
+    def __init__(self, registry: SqlTaskRegistry) -> None:
+        self.registry = registry
+        self._insert = pg_insert if registry.dialect == "postgresql" else sqlite_insert
+
+    @_to_the_end
+    async def record(
+        self, project: str, events: list[tuple[int, int | None, dict[str, Any] | None]], targets: list[str]
+    ) -> list[int]:
+        """Events (annotation id, task id, body — None deletes) in one transaction; their versions."""
+        now = time.time()
+        a, d = annotations_table.c, deliveries_table.c
+        versions: list[int] = []
+        async with self.registry._begin() as conn:
+            for annotation_id, task_id, body in events:
+                statement = self._insert(annotations_table).values(
+                    id=annotation_id,
+                    project=project,
+                    task_id=task_id,
+                    version=1,
+                    body=body,
+                    deleted=body is None,
+                    updated_at=now,
+                )
+                excluded = statement.excluded
+                statement = statement.on_conflict_do_update(
+                    index_elements=[a.id],
+                    set_={
+                        "version": a.version + 1,
+                        "body": excluded.body,
+                        "deleted": excluded.deleted,
+                        "task_id": func.coalesce(excluded.task_id, a.task_id),
+                        "updated_at": excluded.updated_at,
+                    },
+                ).returning(a.version)
+                version = (await conn.execute(statement)).scalar_one()
+                versions.append(version)
+                for target in targets:
+                    wanted = self._insert(deliveries_table).values(
+                        target_id=target,
+                        annotation_id=annotation_id,
+                        wanted_version=version,
+                        delivered_version=0,
+                        pending_since=now,
+                        next_attempt_at=now,
+                        attempts=0,
+                    )
+                    await conn.execute(
+                        wanted.on_conflict_do_update(
+                            index_elements=[d.target_id, d.annotation_id],
+                            set_={
+                                "wanted_version": wanted.excluded.wanted_version,
+                                "next_attempt_at": now,
+                                "attempts": 0,
+                                "pending_since": case(
+                                    (d.wanted_version > d.delivered_version, d.pending_since), else_=now
+                                ),
+                            },
+                        )
+                    )
+        return versions
+
+    @_to_the_end
+    async def want_all(self, project: str, target: str) -> int:
+        """Manual export sync: every annotation of the project is wanted again at the target
+        (the worker skips objects whose content is unchanged). Returns how many."""
+        now = time.time()
+        async with self.registry._begin() as conn:
+            rows = (
+                await conn.execute(
+                    select(annotations_table.c.id, annotations_table.c.version).where(
+                        annotations_table.c.project == project
+                    )
+                )
+            ).all()
+            for annotation_id, version in rows:
+                wanted = self._insert(deliveries_table).values(
+                    target_id=target,
+                    annotation_id=annotation_id,
+                    wanted_version=version,
+                    delivered_version=0,
+                    pending_since=now,
+                    next_attempt_at=now,
+                    attempts=0,
+                )
+                d = deliveries_table.c
+                await conn.execute(
+                    wanted.on_conflict_do_update(
+                        index_elements=[d.target_id, d.annotation_id],
+                        set_={"delivered_version": 0, "next_attempt_at": now, "attempts": 0, "pending_since": now},
+                    )
+                )
+        return len(rows)
+
+    @_to_the_end
+    async def lease(self, worker: str, limit: int, seconds: float) -> list[Delivery]:
+        """Pending deliveries this worker now holds for `seconds` (others skip them meanwhile)."""
+        now = time.time()
+        d = deliveries_table.c
+        candidates = select(d.target_id, d.annotation_id).where(_pending(now)).order_by(d.next_attempt_at).limit(limit)
+        if self.registry.dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        leased: list[Delivery] = []
+        async with self.registry._begin() as conn:
+            for target_id, annotation_id in (await conn.execute(candidates)).all():
+                mine = and_(d.target_id == target_id, d.annotation_id == annotation_id, _pending(now))
+                result = await conn.execute(
+                    update(deliveries_table)
+                    .where(mine)
+                    .values(lease_owner=worker, lease_until=now + seconds)
+                    .returning(d.wanted_version, d.attempts)
+                )
+                row = result.one_or_none()
+                if row is not None:
+                    leased.append(Delivery(target_id, annotation_id, row.wanted_version, row.attempts))
+        return leased
+
+    async def state(self, annotation_id: int) -> AnnotationState | None:
+        a = annotations_table.c
+        async with self.registry._connect() as conn:
+            row = (await conn.execute(select(a.version, a.body, a.deleted).where(a.id == annotation_id))).one_or_none()
+        return None if row is None else AnnotationState(row.version, row.body, row.deleted)
+
+    @_to_the_end
+    async def delivered(self, delivery: Delivery, worker: str, version: int) -> None:
+        """`version` (or newer) is in the storage; a newer wanted version stays pending.
+
+        A worker that lost its lease meanwhile (it outlived `lease_seconds`) may have written
+        after the one that took the delivery over, so an older version could be in the storage
+        now: the delivery is wanted again (and the lease of whoever holds it now is voided, so
+        its own acknowledgement cannot hide this). The rewrite of an unchanged object is cheap.
+        """
+        d = deliveries_table.c
+        now = time.time()
+        where = (d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
+        async with self.registry._begin() as conn:
+            result = await conn.execute(
+                update(deliveries_table)
+                .where(*where)
+                .where(d.lease_owner == worker)
+                .values(
+                    delivered_version=case((d.delivered_version > version, d.delivered_version), else_=version),
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=0,
+                    last_error=None,
+                    delivered_at=now,
+                    pending_since=case((d.wanted_version > version, d.pending_since), else_=None),
+                )
+            )
+            if result.rowcount == 0:
+                await conn.execute(
+                    update(deliveries_table)
+                    .where(*where)
+                    .values(
+                        delivered_version=0,
+                        lease_owner=None,
+                        lease_until=None,
+                        next_attempt_at=now,
+                        pending_since=func.coalesce(d.pending_since, now),
+                    )
+                )
+
+    @_to_the_end
+    async def failed(self, delivery: Delivery, worker: str, error: str, retry_in: float) -> None:
+        d = deliveries_table.c
+        async with self.registry._begin() as conn:
+            await conn.execute(
+                update(deliveries_table)
+                .where(d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
+                .where(d.lease_owner == worker)
+                .values(
+                    attempts=d.attempts + 1,
+                    next_attempt_at=time.time() + retry_in,
+                    lease_owner=None,
+                    lease_until=None,
+                    last_error=error[:500],
+                )
+            )
+
+    async def status(self, targets: list[str]) -> dict[str, dict[str, Any]]:
+        """Per target: pending deliveries, the oldest pending age, failing ones, the last error."""
+        d = deliveries_table.c
+        now = time.time()
+        pending = d.wanted_version > d.delivered_version
+        answer = {t: {"pending": 0, "oldest_pending_seconds": None, "failing": 0, "last_error": None} for t in targets}
+        if not targets:
+            return answer
+        async with self.registry._connect() as conn:
+            rows = await conn.execute(
+                select(
+                    d.target_id,
+                    func.count(),
+                    func.min(d.pending_since),
+                    func.sum(case((d.last_error.is_not(None), 1), else_=0)),
+                )
+                .where(d.target_id.in_(targets), pending)
+                .group_by(d.target_id)
+            )
+            for target, count, since, failing in rows:
+                answer[target].update(
+                    pending=count,
+                    oldest_pending_seconds=None if since is None else round(now - since, 3),
+                    failing=int(failing or 0),
+                )
+            errors = await conn.execute(
+                select(d.target_id, d.last_error)
+                .where(d.target_id.in_(targets), d.last_error.is_not(None), pending)
+                .order_by(d.next_attempt_at.desc())
+            )
+            for target, error in errors:
+                if answer[target]["last_error"] is None:
+                    answer[target]["last_error"] = error
+        return answer
