@@ -8,8 +8,18 @@ from typing import Any
 import aiohttp
 
 from ..config import ConfigError, Settings, StorageSettings
-from .base import Backend, BucketNotFound, ListedObject, ObjectMeta, ObjectReader, StorageError
-from .credentials import AccessTokens, CredentialsError, load_credentials
+from .base import (
+    Backend,
+    BucketNotFound,
+    InvalidObjectKey,
+    ListedObject,
+    ObjectMeta,
+    ObjectReader,
+    StorageError,
+    UpstreamDenied,
+    Writer,
+)
+from .credentials import READ_ONLY_SCOPE, READ_WRITE_SCOPE, AccessTokens, CredentialsError, load_credentials
 from .gcs import PUBLIC_ENDPOINT, GcsBackend, emulator_endpoint
 from .local import LocalBackend
 
@@ -17,10 +27,13 @@ __all__ = [
     "Backend",
     "BucketNotFound",
     "CredentialsError",
+    "InvalidObjectKey",
     "ListedObject",
     "ObjectMeta",
     "ObjectReader",
     "StorageError",
+    "UpstreamDenied",
+    "Writer",
     "build_backend",
     "client_session",
     "load_storage_credential",
@@ -83,9 +96,14 @@ def load_storage_credentials(settings: Settings, env: dict[str, str] | None = No
     return loaded
 
 
-def load_storage_credential(storage: StorageSettings, env: dict[str, str] | None = None) -> Any:
-    """The storage's google-auth credentials, or None where none are needed (local, emulator)."""
+def load_storage_credential(storage: StorageSettings, env: dict[str, str] | None = None, write: bool = False) -> Any:
+    """The storage's google-auth credentials, or None where none are needed (local, emulator).
+
+    `write`: scoped for uploads and deletes (devstorage.read_write, target storages); otherwise
+    read-only.
+    """
     env = dict(os.environ if env is None else env)
     if storage.type != "gcs" or (env.get("STORAGE_EMULATOR_HOST") and not storage.presign):
         return None
-    return load_credentials(storage.google_application_credentials, storage.google_project_id)
+    scopes = (READ_WRITE_SCOPE,) if write else (READ_ONLY_SCOPE,)
+    return load_credentials(storage.google_application_credentials, storage.google_project_id, scopes)

@@ -66,6 +66,28 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+class Writer(Protocol):
+    """Whole-object writes, for target storages (annotation export). Both backends implement it.
+
+    Every method is idempotent, so a caller may retry any of them after any failure: a whole
+    object written again holds the same bytes, a delete of what is gone answers False.
+    """
+
+    async def put_object(self, key: str, data: bytes, content_type: str) -> str:
+        """Write (create or replace) the whole object; returns its new generation, the value
+        listings report and (quoted) ETags carry. The local backend keeps no content type: its
+        reads derive one from the key's extension. Raises InvalidObjectKey for a key the
+        storage cannot hold, BucketNotFound, UpstreamDenied naming the missing permission."""
+
+    async def delete_object(self, key: str) -> bool:
+        """True when the object was deleted, False when it did not exist (a retry after a
+        delete whose answer was lost is not an error)."""
+
+    async def object_md5(self, key: str) -> str | None:
+        """The object's MD5 as GCS's `md5Hash` (base64 of the 16-byte digest); None when the
+        object does not exist or the store holds no MD5 for it (GCS composite objects)."""
+
+
 class StorageError(Exception):
     """A storage failure with the HTTP status the gateway answers and a reason code."""
 
@@ -84,6 +106,14 @@ class RangeNotSatisfiable(StorageError):
     status = 416
     reason = "range_not_satisfiable"
     public_message = "the requested range lies outside the object"
+
+
+class InvalidObjectKey(StorageError):
+    """A key a write refuses: one resolving outside a local storage's directory, or naming a
+    directory rather than a file."""
+
+    status = 400
+    reason = "invalid_key"
 
 
 class BucketNotFound(StorageError):

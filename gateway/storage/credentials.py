@@ -18,6 +18,7 @@ import google.auth.exceptions
 import google.auth.transport.requests
 
 READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+READ_WRITE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # target storages (export)
 
 
 class CredentialsError(ValueError):

@@ -4,6 +4,10 @@ Downloads ask for `Accept-Encoding: gzip` so GCS hands out objects exactly as st
 decompressive transcoding) and the session never decompresses: a gzip-stored object reaches
 the client as stored, with its Content-Encoding. A media response carries everything the
 gateway needs (size, generation, dates, type), so a cold GET costs one upstream request.
+
+Writes (annotation export) are whole-object simple uploads and deletes. Both are idempotent —
+the same bytes written again, a delete of what is gone answers 404 — so they are retried on the
+same terms as reads.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .credentials import AccessTokens
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _META_FIELDS = "size,generation,updated,contentType,contentEncoding"
 _LIST_FIELDS = "items(name,generation,size),nextPageToken"
+_OPERATIONS = ("stat", "open", "check", "list", "put", "delete", "md5")
 _RETRYABLE = frozenset({408, 429})  # and every 5xx: GCS asks clients to retry these with backoff
 
 
@@ -65,9 +70,10 @@ class GcsBackend:
         self._session = session
         self._object_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o/"
         self._list_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o"
+        self._upload_url = f"{endpoint}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
         self._tokens = tokens
         self._upstream = upstream
-        self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in ("stat", "open", "check", "list")}
+        self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in _OPERATIONS}
         self._ttfb = metrics.UPSTREAM_TTFB.labels(self.name)
         self._retries = metrics.UPSTREAM_RETRIES.labels(self.name)
 
@@ -151,11 +157,78 @@ class GcsBackend:
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise StorageError("storage answered with a malformed listing") from None
 
+    async def put_object(self, key: str, data: bytes, content_type: str) -> str:
+        """A simple media upload of the whole object; its new generation."""
+        url = URL(f"{self._upload_url}?uploadType=media&name={quote(key, safe='')}&fields=generation", encoded=True)
+        response = await self._request("put", url, {"Content-Type": content_type}, method="POST", data=data)
+        async with response:
+            if response.status == 404:
+                raise BucketNotFound("the bucket does not exist")
+            if response.status in (401, 403):
+                raise UpstreamDenied(
+                    "storage refused the upload: the credentials lack storage.objects.create "
+                    "(and storage.objects.delete to replace an existing object)"
+                )
+            if response.status not in (200, 201):
+                raise StorageError(f"storage refused the upload of {key!r}: {await _error_text(response)}")
+            try:
+                body = await response.json(content_type=None)
+                return str(body["generation"])
+            except TimeoutError:
+                raise UpstreamTimeout("storage did not finish answering the upload in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("storage connection failed while answering the upload") from None
+            except (ValueError, KeyError, TypeError):
+                raise StorageError("storage answered the upload without the object's generation") from None
+
+    async def delete_object(self, key: str) -> bool:
+        """True when deleted, False on 404 (the object — or its whole bucket — is not there)."""
+        url = URL(f"{self._object_url}{quote(key, safe='')}", encoded=True)
+        response = await self._request("delete", url, method="DELETE")
+        async with response:
+            if response.status in (200, 204):
+                return True
+            if response.status == 404:
+                return False
+            if response.status in (401, 403):
+                raise UpstreamDenied("storage refused the delete: the credentials lack storage.objects.delete")
+            raise StorageError(f"storage refused the delete of {key!r}: {await _error_text(response)}")
+
+    async def object_md5(self, key: str) -> str | None:
+        url = URL(f"{self._object_url}{quote(key, safe='')}?fields=md5Hash", encoded=True)
+        response = await self._request("md5", url)
+        async with response:
+            if response.status == 404:
+                return None
+            if response.status in (401, 403):
+                raise UpstreamDenied("storage refused the metadata read: the credentials lack storage.objects.get")
+            if response.status != 200:
+                raise _status_error(response.status, key)
+            try:
+                body = await response.json(content_type=None)
+                return body.get("md5Hash") or None
+            except TimeoutError:
+                raise UpstreamTimeout("storage did not finish answering in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("storage connection failed while reading metadata") from None
+            except (ValueError, AttributeError):
+                raise StorageError("storage answered with malformed object metadata") from None
+
     async def close(self) -> None:
         pass  # the session belongs to the application
 
-    async def _request(self, operation: str, url: URL, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
-        """GET with retries of connect errors and 5xx answers, all before the first byte."""
+    async def _request(
+        self,
+        operation: str,
+        url: URL,
+        headers: dict[str, str] | None = None,
+        *,
+        method: str = "GET",
+        data: bytes | None = None,
+    ) -> aiohttp.ClientResponse:
+        """One request with retries of connect errors, 408, 429 and 5xx, all before the first
+        byte of the answer. Only for idempotent requests: reads, whole-object uploads, deletes
+        (`data`, the whole body, is sent again with each attempt)."""
         headers = dict(headers or {})
         upstream = self._upstream
         for attempt in range(upstream.retries + 1):
@@ -168,7 +241,9 @@ class GcsBackend:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout):
-                    response = await self._session.get(url, headers=headers, allow_redirects=False)
+                    response = await self._session.request(
+                        method, url, headers=headers, data=data, allow_redirects=False
+                    )
             except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one too
                 failure: str = "connect"
             except TimeoutError:
@@ -242,6 +317,16 @@ def _status_error(status: int, key: str) -> StorageError:
     if status in (401, 403):
         return UpstreamDenied("storage refused the gateway's credentials for this object")
     return StorageError(f"storage answered {status}")
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    """The status and GCS's error message (which names the problem, never credentials or content)."""
+    try:
+        body = await response.json(content_type=None)
+        message = str(body["error"]["message"])
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
+        return f"{response.status}"
+    return f"{response.status} {message[:200]}"
 
 
 def _media_meta(headers: CIMultiDictProxy[str], status: int) -> tuple[ObjectMeta, int, int]:

@@ -4,14 +4,23 @@ Keys map to paths below `root`; a key that resolves outside it (symlinks include
 exist. (The resolve-then-open check is not atomic against someone swapping symlinks inside
 `root` concurrently: the local backend serves directories the operator controls.) Reads happen
 in the default thread pool, one chunk at a time, so memory stays constant.
+
+Writes (`put_object`) go to a temporary file beside the target, flushed to disk, then
+`os.replace`d over it: a reader sees the old bytes or the new, never a part. The temporary
+files are named `.gateway-upload-*.tmp` and left out of listings (one left behind by a crash is
+never taken for an object). A write resolves symlinks in the key's directories, not in its last
+segment: the object's own name is replaced or unlinked, never the file a link points to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import mimetypes
 import os
+import secrets
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +29,7 @@ from typing import BinaryIO
 from ..httpsem import ByteRange
 from .base import (
     BucketNotFound,
+    InvalidObjectKey,
     ListedObject,
     ObjectMeta,
     ObjectNotFound,
@@ -27,6 +37,9 @@ from .base import (
     StorageError,
     UpstreamBroken,
 )
+
+_TEMP_PREFIX = ".gateway-upload-"
+_TEMP_SUFFIX = ".tmp"
 
 
 class LocalBackend:
@@ -91,6 +104,92 @@ class LocalBackend:
     async def close(self) -> None:
         pass
 
+    async def put_object(self, key: str, data: bytes, content_type: str) -> str:
+        """Atomic replace; `content_type` is not kept (reads derive it from the key's extension)."""
+        return await asyncio.to_thread(self._put, key, data)
+
+    async def delete_object(self, key: str) -> bool:
+        return await asyncio.to_thread(self._delete, key)
+
+    async def object_md5(self, key: str) -> str | None:
+        return await asyncio.to_thread(self._md5, key)
+
+    def _write_path(self, key: str) -> Path:
+        """The file a write of `key` touches: its directory resolved inside the root, its own
+        name as given. Keys a bucket could hold but a directory cannot are refused."""
+        segments = key.split("/")
+        if ".." in segments:
+            raise InvalidObjectKey(f"key {key!r} escapes the storage directory (a '..' segment)")
+        if not key or "" in segments or "." in segments or "\0" in key:
+            raise InvalidObjectKey(f"key {key!r} has an empty or '.' segment: a local storage cannot hold it")
+        if segments[-1].startswith(_TEMP_PREFIX):
+            raise InvalidObjectKey(f"key {key!r} is named like the gateway's temporary files")
+        parent = (self._root / key).parent.resolve()
+        if not parent.is_relative_to(self._root):
+            raise InvalidObjectKey(f"key {key!r} resolves outside the storage directory")
+        return parent / segments[-1]
+
+    def _put(self, key: str, data: bytes) -> str:
+        path = self._write_path(key)
+        if not self._root.is_dir():  # never created behind the operator's back (an unmounted volume …)
+            raise BucketNotFound(f"directory {self._root} does not exist")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InvalidObjectKey(f"key {key!r} lies below a file, not a directory") from None
+        except OSError as exc:
+            raise StorageError(f"cannot create the directory of {key!r}: {exc.strerror}") from None
+        if path.is_dir() and not path.is_symlink():
+            raise InvalidObjectKey(f"key {key!r} names a directory")
+        temp = path.parent / f"{_TEMP_PREFIX}{secrets.token_hex(12)}{_TEMP_SUFFIX}"
+        created = False
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            created = True
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except OSError as exc:
+            if created:
+                temp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {key!r}: {exc.strerror}") from None
+        _sync_directory(path.parent)
+        return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+
+    def _delete(self, key: str) -> bool:
+        """Unlink the file; directories left empty stay (listings never show them)."""
+        path = self._write_path(key)
+        try:
+            if path.is_dir():
+                return False  # a "folder", not an object
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key!r}: {exc.strerror}") from None
+        _sync_directory(path.parent)
+        return True
+
+    def _md5(self, key: str) -> str | None:
+        try:
+            handle, _meta = self._open(key)
+        except ObjectNotFound:
+            return None
+        digest = hashlib.md5(usedforsecurity=False)
+        with handle:
+            try:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            except OSError as exc:
+                raise StorageError(f"cannot read {key!r}: {exc.strerror}") from None
+        return base64.b64encode(digest.digest()).decode("ascii")
+
     async def list_page(
         self, prefix: str, recursive: bool, page_token: str | None, page_size: int
     ) -> tuple[list[ListedObject], str | None]:
@@ -142,6 +241,8 @@ class LocalBackend:
                 inside = folder.startswith(prefix)
                 if prefix.startswith(folder) or (inside and recursive):
                     yield from self._walk(Path(entry.path), folder, prefix, recursive)
+            elif entry.name.startswith(_TEMP_PREFIX) and entry.name.endswith(_TEMP_SUFFIX):
+                continue  # a write in progress, or one a crash interrupted
             elif key.startswith(prefix) and (recursive or "/" not in key[len(prefix) :]):
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -149,6 +250,20 @@ class LocalBackend:
                     continue
                 if stat.S_ISREG(st.st_mode):
                     yield key, st
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable (best effort: not every file system can)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class LocalReader:
