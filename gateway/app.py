@@ -28,6 +28,7 @@ from .registry.sql import SqlTaskRegistry
 from .state import (
     CATALOG,
     ERROR,
+    EXPORT_WORKER,
     MODE,
     READINESS,
     REGISTRY,
@@ -73,6 +74,7 @@ def create_app(
     app[CATALOG] = StorageCatalog(settings, app[REGISTRY], Vault(settings.registry.encryption_keys))
     app[TASKS] = TaskCache(app[REGISTRY], settings.registry)
     app[SYNC_WORKER] = None
+    app[EXPORT_WORKER] = None
     app.cleanup_ctx.append(_upstream_context)
     if sync_worker:
         app.cleanup_ctx.append(_sync_worker_context)
@@ -120,7 +122,18 @@ async def _sync_worker_context(app: web.Application):  # type: ignore[no-untyped
     worker = SyncWorker(app[CATALOG], on_change=app[TASKS].forget)
     app[SYNC_WORKER] = worker
     task = asyncio.create_task(worker.run())
+    exporter = exporting = None
+    settings = app[SETTINGS]
+    if settings.export.worker and settings.export_storages:
+        from .export.worker import ExportWorker
+
+        exporter = ExportWorker(settings, app[REGISTRY], app[CATALOG].session)
+        exporter.start()
+        app[EXPORT_WORKER] = exporter
+        exporting = asyncio.create_task(exporter.run())
     yield
+    if exporter is not None and exporting is not None:
+        await exporter.stop(exporting)
     await worker.stop(task)
 
 

@@ -66,6 +66,19 @@ SYNC_SECONDS = Histogram(
 )
 SYNC_ERRORS = Counter("gateway_sync_errors_total", "Import sync errors", ["kind"])  # row, file, storage, job
 SYNC_JOBS = Counter("gateway_sync_jobs_total", "Import sync jobs finished", ["status"])
+EXPORT_WRITES = Counter(
+    "gateway_export_writes_total", "Annotation objects written to target storages", ["target", "operation", "result"]
+)  # operation: upload, delete, unchanged, kept (a delete without can_delete_objects); result: ok, failed
+EXPORT_PENDING = Gauge(
+    "gateway_export_pending", "Deliveries waiting in the export outbox", ["target"], multiprocess_mode="mostrecent"
+)
+EXPORT_OLDEST = Gauge(
+    "gateway_export_oldest_pending_seconds",
+    "Age of the oldest waiting delivery",
+    ["target"],
+    multiprocess_mode="mostrecent",
+)
+WEBHOOK_EVENTS = Counter("gateway_webhook_events_total", "Annotation events received", ["source", "action"])
 
 METADATA_HIT = METADATA_CACHE.labels("hit")
 METADATA_MISS = METADATA_CACHE.labels("miss")

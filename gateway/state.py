@@ -17,6 +17,7 @@ CATALOG = web.AppKey("catalog", StorageCatalog)
 TASKS = web.AppKey("tasks", TaskCache)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 READINESS = web.AppKey("readiness", dict[str, Any])
+EXPORT_WORKER = web.AppKey("export_worker", Any)  # gateway.export.worker.ExportWorker when running in-process
 SYNC_WORKER = web.AppKey("sync_worker", Any)  # gateway.sync.worker.SyncWorker when running in-process
 
 # Per-request facts the access log reports (never the token itself).

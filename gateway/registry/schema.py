@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -66,7 +67,7 @@ storages_table = Table(
     Column("presign_ttl", Integer, nullable=False),
     Column("data_key", String(255), nullable=False),
     Column("sync_interval", Integer, nullable=False, server_default="0"),
-    Column("credentials", Text, nullable=True),  # encrypted (gateway/secrets.py), never returned
+    Column("credentials", Text, nullable=True),  # encrypted (gateway/vault.py), never returned
     Column("google_project_id", String(255), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
@@ -112,4 +113,41 @@ sync_jobs_table = Table(
         postgresql_where=text("status IN ('queued', 'running')"),
     ),
     sqlite_autoincrement=True,
+)
+
+# The export outbox: the latest state of every annotation the gateway was told about, and for
+# each target storage of its project the version wanted there and the version delivered.
+annotations_table = Table(
+    "annotations",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),  # Label Studio's annotation id
+    Column("project", String(255), nullable=False),
+    Column("task_id", BigInteger, nullable=True),
+    Column("version", Integer, nullable=False),  # +1 per recorded event: orders them
+    Column("body", JSON, nullable=True),  # the object written (annotation + task), None once deleted
+    Column("deleted", Boolean, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_annotations_project", "project"),
+)
+
+deliveries_table = Table(
+    "deliveries",
+    metadata,
+    Column("target_id", String(255), primary_key=True),
+    Column("annotation_id", BigInteger, primary_key=True),
+    Column("wanted_version", Integer, nullable=False),
+    Column("delivered_version", Integer, nullable=False, server_default="0"),
+    Column("pending_since", Float, nullable=True),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", String(255), nullable=True),  # the worker uploading it now
+    Column("lease_until", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+    Index(
+        "ix_deliveries_pending",
+        "next_attempt_at",
+        sqlite_where=text("wanted_version > delivered_version"),
+        postgresql_where=text("wanted_version > delivered_version"),
+    ),
 )
