@@ -945,3 +945,29 @@ async def test_a_task_a_sync_removed_elsewhere_stops_being_served_within_storage
         assert time.monotonic() - started < 5, "another process kept serving a task the sync removed"
         await asyncio.sleep(0.02)
     assert (await answer.json())["error"] == "unknown_task"
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        {
+            "type": "external_account",
+            "token_url": "http://127.0.0.1:9/",
+            "credential_source": {"file": "/proc/self/environ"},
+        },
+        {"type": "impersonated_service_account", "source_credentials": {"type": "external_account"}},
+        {"type": "external_account_authorized_user", "token_url": "http://127.0.0.1:9/"},
+    ],
+    ids=["external-file", "impersonated-nested", "external-user"],
+)
+async def test_api_credentials_that_would_read_files_or_urls_are_refused(world, credentials):
+    """external_account configs make google-auth read a file or URL and post it to token_url on
+    refresh: given through the API, they could send the gateway's own environment away."""
+    api = await world()
+    answer = await api.create(400, google_application_credentials=json.dumps(credentials))
+    assert answer["error"] == "validation_error"
+    assert "service_account and authorized_user" in answer["validation_errors"]["google_application_credentials"][0]
+    assert "/proc/self/environ" not in json.dumps(answer)
+    assert (await api.call("GET", STORAGES, 200)) == [
+        s for s in await api.call("GET", STORAGES, 200) if s["source"] == "config"
+    ]

@@ -28,6 +28,7 @@ from .auth import require_admin
 from .tasks import strict_json
 
 SECRET = "google_application_credentials"
+API_CREDENTIAL_TYPES = frozenset({"service_account", "authorized_user"})  # others: config file only
 _READ_ONLY = frozenset(
     {
         "id",
@@ -384,6 +385,15 @@ async def _check_credentials(
         return
     if not value.lstrip().startswith("{"):
         errors[SECRET] = "expected the content of a JSON credentials file (paths are accepted only in the config file)"
+        return
+    try:
+        kind = json.loads(value).get("type")
+    except (ValueError, AttributeError):
+        kind = None
+    if kind not in API_CREDENTIAL_TYPES:
+        # external_account / impersonation configs name files, URLs and commands that google-auth
+        # reads or calls on refresh: from the API they would read the gateway's own secrets.
+        errors[SECRET] = "only service_account and authorized_user credentials may be given to the API"
         return
     probe = StorageSettings(
         id="probe",
