@@ -14,6 +14,7 @@ import decimal
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,11 +60,16 @@ async def parse_task_file(
             yield row, RowError(str(exc).partition(": ")[2] or str(exc))
 
 
+MAX_DEPTH = 100  # task data nested deeper is refused (a row or file error), never parsed
+_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
 class _ChunkReader:
     """An async file-like view of a chunk stream, as ijson reads it."""
 
     def __init__(self, chunks: AsyncIterator[bytes], first: bytes) -> None:
         self._chunks, self._pending = chunks, first
+        self._depth, self._in_string, self._escaped = 0, False, False
 
     async def read(self, size: int = -1) -> bytes:
         if size == 0:  # ijson probes with read(0) for bytes or str and drops the answer
@@ -71,7 +77,29 @@ class _ChunkReader:
         if not self._pending:
             self._pending = await anext(self._chunks, b"")
         data, self._pending = self._pending, b""
+        self._guard_depth(data)
         return data
+
+    def _guard_depth(self, data: bytes) -> None:
+        """Refuse nesting deeper than MAX_DEPTH before ijson sees it: its C backend's memory
+        grows with the square of the depth (a 40 KB file 20,000 levels deep takes 1 GB)."""
+        for match in _STRUCTURE.finditer(data):
+            char = match.group()
+            if self._escaped:
+                self._escaped = False
+            elif self._in_string:
+                if char == b"\\":
+                    self._escaped = True
+                elif char == b'"':
+                    self._in_string = False
+            elif char == b'"':
+                self._in_string = True
+            elif char in b"[{":
+                self._depth += 1
+                if self._depth > MAX_DEPTH:
+                    raise FileError(f"JSON nested deeper than {MAX_DEPTH} levels")
+            elif char in b"]}":
+                self._depth -= 1
 
 
 async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
@@ -127,6 +155,8 @@ def _json_line(line: bytes, row: int) -> Any:
         return json.loads(line, parse_constant=_not_json)
     except UnicodeDecodeError:
         return RowError("not valid JSON (not UTF-8 text)")
+    except RecursionError:
+        return RowError("nested too deeply")
     except ValueError as exc:  # JSONDecodeError among them
         return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
 
