@@ -193,7 +193,7 @@ class StorageCatalog:
             except Exception as exc:  # keep serving the last snapshot
                 log.warning("storage refresh failed: %s", type(exc).__name__)
 
-    async def _last_sync_finished(self) -> float | None:
+    async def _last_sync_finished(self) -> int | None:
         try:
             return await self.registry.last_sync_finished()
         except Exception:  # the loop reports registry trouble

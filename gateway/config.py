@@ -527,6 +527,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[sync].stale_after: must exceed twice [sync].heartbeat_interval")
     if settings.sync.page_size > 1000:
         raise ConfigError("[sync].page_size: GCS lists at most 1000 objects per page")
+    if settings.sync.batch_size > 1000:
+        raise ConfigError("[sync].batch_size: at most 1000 (one statement parameter per task)")
     for key in settings.registry.encryption_keys:
         if len(key) < 32:
             raise ConfigError("[registry].encryption_keys: use keys of at least 32 characters")

@@ -11,7 +11,14 @@ from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    ProgrammingError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..uris import find_gs_uris
@@ -350,10 +357,14 @@ class SqlTaskRegistry:
                 )
         return [job_id for job_id, _ in rows]
 
-    async def last_sync_finished(self) -> float | None:
-        """When the latest sync job ended (any storage): a cheap signal that tasks changed."""
+    async def last_sync_finished(self) -> int:
+        """How many sync jobs have finished (any storage): it changes whenever one finishes,
+        whatever the clocks of the hosts that ran them — a cheap signal that tasks changed."""
         async with self._connect() as conn:
-            return (await conn.execute(select(func.max(sync_jobs_table.c.finished_at)))).scalar_one_or_none()
+            finished = (
+                select(func.count()).select_from(sync_jobs_table).where(sync_jobs_table.c.finished_at.is_not(None))
+            )
+            return (await conn.execute(finished)).scalar_one()
 
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         async with self._connect() as conn:
@@ -703,6 +714,8 @@ async def _unavailable() -> AsyncIterator[None]:
     except (IntegrityError, ProgrammingError, DataError):
         raise  # the statement's fault, not the database's availability
     except (SQLAlchemyError, OSError) as exc:
+        if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+            raise  # parameters that could not be sent (e.g. data too deep to serialise)
         raise RegistryUnavailable(type(exc).__name__) from exc
 
 

@@ -83,8 +83,6 @@ class SyncWorker:
                 "sync job ended without a result (%s); it is re-queued once stale", type(task.exception()).__name__
             )
         self._wake.set()  # room for the next job
-        if not task.cancelled() and task.exception() is not None:  # retrieved: logged in run_job
-            log.debug("sync job task ended with %r", task.exception())
 
     async def _queue_periodic(self) -> None:
         periodic = {s.id: s.sync_interval for s in self.catalog.all() if s.sync_interval > 0}
