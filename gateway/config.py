@@ -502,6 +502,8 @@ def validate(settings: Settings) -> None:
         ("[sync].max_attempts", settings.sync.max_attempts, 1),
         ("[sync].page_size", settings.sync.page_size, 1),
         ("[sync].batch_size", settings.sync.batch_size, 1),
+        ("[export].batch", settings.export.batch, 1),
+        ("[export].concurrency", settings.export.concurrency, 1),
     ):
         if value < minimum:
             raise ConfigError(f"{where}: expected {minimum} or more, got {value}")
@@ -513,6 +515,9 @@ def validate(settings: Settings) -> None:
         ("[sync].poll_interval", settings.sync.poll_interval),
         ("[sync].heartbeat_interval", settings.sync.heartbeat_interval),
         ("[sync].stale_after", settings.sync.stale_after),
+        ("[export].poll_interval", settings.export.poll_interval),
+        ("[export].lease_seconds", settings.export.lease_seconds),
+        ("[export].retry_base", settings.export.retry_base),
     ):
         if seconds <= 0:
             raise ConfigError(f"{where}: expected more than 0 seconds, got {seconds}")
@@ -527,6 +532,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[sync].stale_after: must exceed twice [sync].heartbeat_interval")
     if settings.sync.page_size > 1000:
         raise ConfigError("[sync].page_size: GCS lists at most 1000 objects per page")
+    if settings.export.retry_max < settings.export.retry_base:
+        raise ConfigError("[export].retry_max: must be at least [export].retry_base")
     if settings.sync.batch_size > 1000:
         raise ConfigError("[sync].batch_size: at most 1000 (one statement parameter per task)")
     for key in settings.registry.encryption_keys:

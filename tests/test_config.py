@@ -456,3 +456,17 @@ def test_sizes_and_durations_out_of_range_are_refused(section: str, key: str, va
     raw.setdefault(section, {})[key] = value
     with pytest.raises(ConfigError, match=re.escape(f"[{section}].{key}")):
         settings_from_dict(raw, env={})
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("export", "lease_seconds", 0, r"\[export\]\.lease_seconds: expected more than 0"),
+        ("export", "batch", 0, r"\[export\]\.batch: expected 1 or more"),
+        ("export", "retry_max", 0.5, r"\[export\]\.retry_max: must be at least"),
+        ("sync", "batch_size", 5000, r"\[sync\]\.batch_size: at most 1000"),
+    ],
+)
+def test_export_and_sync_limits_are_named(section, key, value, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build({section: {key: value}})
