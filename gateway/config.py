@@ -258,33 +258,30 @@ def settings_from_dict(
             raise ConfigError(f"[{name}]: expected a table")
         table = _with_env_overrides(name, cls, table, env)
         sections[name] = _build(cls, table, f"[{name}]")
-    storages = raw.get("storages", [])
-    if not isinstance(storages, list):
-        raise ConfigError("[[storages]]: expected an array of tables")
-    built = []
-    for index, table in enumerate(storages):
-        where = f"[[storages]] #{index + 1}"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: expected a table")
-        if "id" in table:
-            where = f"[[storages]] id={table['id']!r}"
-            table = _with_storage_env_overrides(table, env)
-        built.append(_validate_storage(_build(StorageSettings, table, where), where, base_dir))
-    targets = raw.get("export_storages", [])
-    if not isinstance(targets, list):
-        raise ConfigError("[[export_storages]]: expected an array of tables")
-    built_targets = []
-    for index, table in enumerate(targets):
-        where = f"[[export_storages]] #{index + 1}"
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: expected a table")
-        if "id" in table:
-            where = f"[[export_storages]] id={table['id']!r}"
-            table = _with_storage_env_overrides(table, env)
-        built_targets.append(_validate_target(_build(ExportStorageSettings, table, where), where, base_dir))
-    settings = Settings(**sections, storages=tuple(built), export_storages=tuple(built_targets), source=source)
+    storages = _storage_tables(raw, "storages", StorageSettings, _validate_storage, env, base_dir)
+    targets = _storage_tables(raw, "export_storages", ExportStorageSettings, _validate_target, env, base_dir)
+    settings = Settings(**sections, storages=storages, export_storages=targets, source=source)
     validate(settings)
     return settings
+
+
+def _storage_tables(
+    raw: dict[str, Any], name: str, cls: type, check: Any, env: dict[str, str], base_dir: Path | None
+) -> tuple[Any, ...]:
+    """An array of storage tables (`[[storages]]`, `[[export_storages]]`), each built and checked."""
+    tables = raw.get(name, [])
+    if not isinstance(tables, list):
+        raise ConfigError(f"[[{name}]]: expected an array of tables")
+    built = []
+    for index, table in enumerate(tables):
+        where = f"[[{name}]] #{index + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if "id" in table:
+            where = f"[[{name}]] id={table['id']!r}"
+            table = _with_storage_env_overrides(table, env)
+        built.append(check(_build(cls, table, where), where, base_dir))
+    return tuple(built)
 
 
 def _with_env_overrides(section: str, cls: type, table: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -383,46 +380,42 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 
 
 def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> StorageSettings:
-    if not s.id or s.id.isdigit():
-        raise ConfigError(f"{where}.id: use a name with a letter in it (numeric ids belong to API storages)")
+    _check_id(s.id, where, " (numeric ids belong to API storages)")
     check_import_fields(s, where)
-    if s.type not in ("gcs", "local"):
-        raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
-    if not BUCKET_RE.fullmatch(s.bucket):
-        raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
-    if s.prefix.startswith("/"):
-        raise ConfigError(f"{where}.prefix: must not start with '/'")
-    s = dataclasses.replace(s, prefix=normalize_prefix(s.prefix))
+    s = _checked_place(s, where)
     if s.presign and s.type != "gcs":
         raise ConfigError(f"{where}.presign: signed URLs need type 'gcs'")
     if not 1 <= s.presign_ttl <= 10080:
         raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
-    if s.type == "local":
-        if not s.root:
-            raise ConfigError(f"{where}.root: required for type 'local'")
-        root = Path(s.root)
-        if not root.is_absolute() and base_dir is not None:
-            root = base_dir / root
-        if not root.is_dir():
-            raise ConfigError(f"{where}.root: {str(root)!r} is not a directory")
-        return dataclasses.replace(s, root=str(root.resolve()))
-    if s.root:
-        raise ConfigError(f"{where}.root: only for type 'local'")
-    return s
+    return _resolved_root(s, where, base_dir)
 
 
 def _validate_target(s: ExportStorageSettings, where: str, base_dir: Path | None) -> ExportStorageSettings:
-    if not s.id or s.id.isdigit():
-        raise ConfigError(f"{where}.id: use a name with a letter in it")
+    _check_id(s.id, where)
+    s = _checked_place(s, where)
+    if s.presign:
+        raise ConfigError(f"{where}.presign: not a setting of export storages")
+    return _resolved_root(s, where, base_dir)
+
+
+def _check_id(ident: str, where: str, hint: str = "") -> None:
+    if not ident or ident.isdigit():
+        raise ConfigError(f"{where}.id: use a name with a letter in it{hint}")
+
+
+def _checked_place(s: Any, where: str) -> Any:
+    """Type, bucket and prefix of a source or target storage; the prefix ends with '/'."""
     if s.type not in ("gcs", "local"):
         raise ConfigError(f"{where}.type: expected 'gcs' or 'local', got {s.type!r}")
     if not BUCKET_RE.fullmatch(s.bucket):
         raise ConfigError(f"{where}.bucket: {s.bucket!r} is not a valid bucket name")
     if s.prefix.startswith("/"):
         raise ConfigError(f"{where}.prefix: must not start with '/'")
-    if s.presign:
-        raise ConfigError(f"{where}.presign: not a setting of export storages")
-    s = dataclasses.replace(s, prefix=normalize_prefix(s.prefix))
+    return dataclasses.replace(s, prefix=normalize_prefix(s.prefix))
+
+
+def _resolved_root(s: Any, where: str, base_dir: Path | None) -> Any:
+    """A local storage's directory, made absolute (relative to the config file) and checked."""
     if s.type == "local":
         if not s.root:
             raise ConfigError(f"{where}.root: required for type 'local'")

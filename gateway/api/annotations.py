@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from typing import Any
 
 from aiohttp import web
 
-from .. import metrics
+from .. import metrics, strictjson
 from ..errors import Refused
 from ..registry.outbox import Outbox
 from ..state import EXPORT_WORKER, REGISTRY, SETTINGS
@@ -82,7 +81,7 @@ async def label_studio_webhook(request: web.Request) -> web.Response:
     if not _authentic(request, body):
         raise Refused(401, "bad_webhook_secret", "the webhook secret or signature is missing or wrong")
     try:
-        payload = json.loads(body, parse_constant=_no_constant)
+        payload = strictjson.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise Refused(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
@@ -118,33 +117,36 @@ def _object(annotation: dict[str, Any], task: dict[str, Any] | None) -> dict[str
     return {**annotation, "task": task if task is not None else annotation.get("task")}
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-async def put_annotation(request: web.Request) -> web.Response:
+async def _annotated_task(request: web.Request) -> tuple[int, int, dict[str, Any]]:
+    """The native routes' task id, annotation id and task (admin only; 404 for an unknown task)."""
     await require_admin(request)
     task_id, annotation_id = int(request.match_info["task_id"]), int(request.match_info["annotation_id"])
     task = await request.app[REGISTRY].get_task(task_id)
     if task is None:
         raise Refused(404, "unknown_task", "no such task")
+    return task_id, annotation_id, task
+
+
+async def _recorded(
+    request: web.Request, task_id: int, annotation_id: int, project: str, body: dict[str, Any] | None
+) -> web.Response:
+    [version] = await _record(request, project, [(annotation_id, task_id, body)])
+    return web.json_response({"id": annotation_id, "task": task_id, "version": version, "status": "recorded"})
+
+
+async def put_annotation(request: web.Request) -> web.Response:
+    task_id, annotation_id, task = await _annotated_task(request)
     try:
-        annotation = json.loads(await request.read(), parse_constant=_no_constant)
+        annotation = strictjson.loads(await request.read())
     except (ValueError, UnicodeDecodeError):
         raise Refused(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(annotation, dict):
         raise Refused(400, "bad_payload", "the body must be an annotation object")
     exported_task = {k: v for k, v in task.items() if k not in ("storage",)}
     body = _object({**annotation, "id": annotation_id, "task": task_id}, exported_task)
-    [version] = await _record(request, task["project"], [(annotation_id, task_id, body)])
-    return web.json_response({"id": annotation_id, "task": task_id, "version": version, "status": "recorded"})
+    return await _recorded(request, task_id, annotation_id, task["project"], body)
 
 
 async def delete_annotation(request: web.Request) -> web.Response:
-    await require_admin(request)
-    task_id, annotation_id = int(request.match_info["task_id"]), int(request.match_info["annotation_id"])
-    task = await request.app[REGISTRY].get_task(task_id)
-    if task is None:
-        raise Refused(404, "unknown_task", "no such task")
-    [version] = await _record(request, task["project"], [(annotation_id, task_id, None)])
-    return web.json_response({"id": annotation_id, "task": task_id, "version": version, "status": "recorded"})
+    task_id, annotation_id, task = await _annotated_task(request)
+    return await _recorded(request, task_id, annotation_id, task["project"], None)

@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import strictjson
 from ..config import BUCKET_RE, StorageSettings, normalize_prefix
 from ..errors import Refused
 from ..registry.sql import empty_counters
@@ -25,7 +26,6 @@ from ..storage.base import UpstreamDenied
 from ..storage.credentials import CredentialsError
 from ..sync.engine import preview
 from .auth import require_admin
-from .tasks import strict_json
 
 SECRET = "google_application_credentials"
 API_CREDENTIAL_TYPES = frozenset({"service_account", "authorized_user"})  # others: config file only
@@ -275,7 +275,7 @@ async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, An
     if not raw.strip() and allow_empty:
         return {}
     try:
-        body = strict_json(raw)
+        body = strictjson.loads(raw)
     except ValueError:
         raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
     if not isinstance(body, dict):

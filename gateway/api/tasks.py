@@ -7,11 +7,11 @@ as Label Studio's API answers, so a front end can use the data as it is.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
 
+from .. import strictjson
 from ..errors import Refused
 from ..registry import BadTask, normalize_task
 from ..state import CATALOG, REGISTRY
@@ -31,7 +31,7 @@ async def import_tasks(request: web.Request) -> web.Response:
     body = await request.read()
     try:
         # Large imports are parsed off the event loop so streams on this worker keep flowing.
-        payload = strict_json(body) if len(body) < 1024**2 else await asyncio.to_thread(strict_json, body)
+        payload = strictjson.loads(body) if len(body) < 1024**2 else await asyncio.to_thread(strictjson.loads, body)
     except ValueError:
         raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
     items = payload if isinstance(payload, list) else [payload]
@@ -78,16 +78,6 @@ async def list_tasks(request: web.Request) -> web.Response:
     return web.json_response(
         {"total": total, "page": page, "page_size": page_size, "has_next": page * page_size < total, "tasks": tasks}
     )
-
-
-def strict_json(body: bytes | str) -> Any:
-    """JSON as RFC 8259 has it: NaN and Infinity (which Python accepts) raise ValueError, since
-    they cannot be answered as JSON again and PostgreSQL refuses them."""
-    return json.loads(body, parse_constant=_not_json)
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _resolved(task: dict[str, Any]) -> dict[str, Any]:

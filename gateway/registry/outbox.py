@@ -83,29 +83,14 @@ class Outbox:
                 ).returning(a.version)
                 version = (await conn.execute(statement)).scalar_one()
                 versions.append(version)
+                newer = {
+                    "wanted_version": version,
+                    "next_attempt_at": now,
+                    "attempts": 0,
+                    "pending_since": case((d.wanted_version > d.delivered_version, d.pending_since), else_=now),
+                }
                 for target in targets:
-                    wanted = self._insert(deliveries_table).values(
-                        target_id=target,
-                        annotation_id=annotation_id,
-                        wanted_version=version,
-                        delivered_version=0,
-                        pending_since=now,
-                        next_attempt_at=now,
-                        attempts=0,
-                    )
-                    await conn.execute(
-                        wanted.on_conflict_do_update(
-                            index_elements=[d.target_id, d.annotation_id],
-                            set_={
-                                "wanted_version": wanted.excluded.wanted_version,
-                                "next_attempt_at": now,
-                                "attempts": 0,
-                                "pending_since": case(
-                                    (d.wanted_version > d.delivered_version, d.pending_since), else_=now
-                                ),
-                            },
-                        )
-                    )
+                    await conn.execute(self._want(target, annotation_id, version, now, newer))
         return versions
 
     @_to_the_end
@@ -121,24 +106,27 @@ class Outbox:
                     )
                 )
             ).all()
+            again = {"delivered_version": 0, "next_attempt_at": now, "attempts": 0, "pending_since": now}
             for annotation_id, version in rows:
-                wanted = self._insert(deliveries_table).values(
-                    target_id=target,
-                    annotation_id=annotation_id,
-                    wanted_version=version,
-                    delivered_version=0,
-                    pending_since=now,
-                    next_attempt_at=now,
-                    attempts=0,
-                )
-                d = deliveries_table.c
-                await conn.execute(
-                    wanted.on_conflict_do_update(
-                        index_elements=[d.target_id, d.annotation_id],
-                        set_={"delivered_version": 0, "next_attempt_at": now, "attempts": 0, "pending_since": now},
-                    )
-                )
+                await conn.execute(self._want(target, annotation_id, version, now, again))
         return len(rows)
+
+    def _want(self, target: str, annotation_id: int, version: int, now: float, known: dict[str, Any]) -> Any:
+        """A delivery of `version` to `target`: a new row, or the existing one updated with `known`."""
+        d = deliveries_table.c
+        return (
+            self._insert(deliveries_table)
+            .values(
+                target_id=target,
+                annotation_id=annotation_id,
+                wanted_version=version,
+                delivered_version=0,
+                pending_since=now,
+                next_attempt_at=now,
+                attempts=0,
+            )
+            .on_conflict_do_update(index_elements=[d.target_id, d.annotation_id], set_=known)
+        )
 
     @_to_the_end
     async def lease(self, worker: str, limit: int, seconds: float) -> list[Delivery]:

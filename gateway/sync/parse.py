@@ -11,7 +11,6 @@ import asyncio
 import base64
 import datetime
 import decimal
-import json
 import math
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 
 import ijson
 
+from .. import strictjson
 from ..registry import BadTask, normalize_task
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -152,18 +152,13 @@ async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, 
 
 def _json_line(line: bytes, row: int) -> Any:
     try:
-        return json.loads(line, parse_constant=_not_json)
+        return strictjson.loads(line)
     except UnicodeDecodeError:
         return RowError("not valid JSON (not UTF-8 text)")
     except RecursionError:
         return RowError("nested too deeply")
     except ValueError as exc:  # JSONDecodeError among them
         return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
-
-
-def _not_json(name: str) -> Any:
-    """NaN and ±Infinity: Python reads them, but they are not JSON (PostgreSQL refuses them)."""
-    raise ValueError(f"{name} is not a JSON value")
 
 
 async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
