@@ -124,11 +124,10 @@ async def _sync_worker_context(app: web.Application):  # type: ignore[no-untyped
     task = asyncio.create_task(worker.run())
     exporter = exporting = None
     settings = app[SETTINGS]
-    if settings.export.worker and settings.export_storages:
+    if settings.export.worker:  # target storages may be declared in the file or created through the API
         from .export.worker import ExportWorker
 
-        exporter = ExportWorker(settings, app[REGISTRY], app[CATALOG].session)
-        exporter.start()
+        exporter = ExportWorker(app[CATALOG])
         app[EXPORT_WORKER] = exporter
         exporting = asyncio.create_task(exporter.run())
     yield

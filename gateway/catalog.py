@@ -1,9 +1,10 @@
-"""Every storage the gateway knows: those of the config file and those created through the API.
+"""Every storage the gateway knows: those of the config file and those created through the API,
+sources (media and import) and targets (annotation export) alike.
 
 Config-file storages are fixed at start-up (a bad one stops the gateway). API storages live in
 the registry; each process reloads them every `[registry] storage_refresh` seconds and at once
 after its own API changes, so a storage created through one replica is served by all of them
-shortly after. Media requests only read the in-memory snapshot.
+shortly after. Media requests and the export worker only read the in-memory snapshot.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from .config import ConfigError, Settings, StorageSettings
+from .config import ConfigError, ExportStorageSettings, Settings, StorageSettings
 from .registry.sql import SqlTaskRegistry
 from .signer import Signer, SigningError, build_signer, resolve_identity
 from .storage import Backend, StorageError, build_backend, load_storage_credential
@@ -27,6 +28,9 @@ from .vault import Vault, VaultError
 
 log = logging.getLogger("gateway.catalog")
 RETRY_BROKEN = 30.0  # seconds between attempts to build an API storage that could not be used
+
+
+AnyStorage = StorageSettings | ExportStorageSettings
 
 
 class StorageUnavailable(StorageError):
@@ -58,22 +62,93 @@ def storage_from_row(row: dict[str, Any], vault: Vault) -> StorageSettings:
     )
 
 
+def target_from_row(row: dict[str, Any], vault: Vault) -> ExportStorageSettings:
+    """An API target storage row as settings; the credentials are decrypted here and nowhere else."""
+    credentials = vault.open(row["credentials"]) if row.get("credentials") else None
+    return ExportStorageSettings(
+        id=str(row["id"]),
+        project=row["project"],
+        type="gcs",
+        bucket=row["bucket"],
+        prefix=row["prefix"],
+        can_delete_objects=row["can_delete_objects"],
+        json_extension=row["json_extension"],
+        google_application_credentials=credentials,
+        google_project_id=row["google_project_id"],
+        title=row["title"],
+        description=row["description"],
+    )
+
+
+class Shelf:
+    """One kind of storage: config-file ones fixed, API ones as the registry last had them, each
+    with its backend (and signer), or with the problem that keeps it from being used."""
+
+    def __init__(self, kind: str, config: list[AnyStorage], from_row: Callable[[dict[str, Any], Vault], Any]) -> None:
+        self.kind = kind  # "source" or "export", as the registry names the tables
+        self.config: dict[str, AnyStorage] = {s.id: s for s in config}
+        self.from_row = from_row
+        self.api: dict[str, tuple[float, AnyStorage]] = {}  # id -> (updated_at, settings)
+        self.backends: dict[str, Backend] = {}
+        self.signers: dict[str, Signer] = {}
+        self.problems: dict[str, str] = {}  # API storage id -> why it cannot be used
+        self.retry_at: dict[str, float] = {}  # API storage id -> when to try a broken one again
+        self.by_project: dict[str, tuple[Any, ...]] = {}
+        self.index()
+
+    def install(self, storage_id: str, backend: Backend, signer: Signer | None) -> None:
+        self.backends[storage_id] = backend
+        if signer is None:
+            self.signers.pop(storage_id, None)
+        else:
+            self.signers[storage_id] = signer
+
+    def forget(self, storage_id: str) -> None:
+        self.api.pop(storage_id, None)
+        self.backends.pop(storage_id, None)
+        self.signers.pop(storage_id, None)
+        self.problems.pop(storage_id, None)
+        self.retry_at.pop(storage_id, None)
+
+    def index(self) -> None:
+        by_project: dict[str, list[Any]] = {}
+        for storage in self.all():
+            by_project.setdefault(storage.project, []).append(storage)
+        self.by_project = {project: tuple(storages) for project, storages in by_project.items()}
+
+    def all(self) -> list[Any]:
+        """Config-file storages in file order, then API storages by id (a stable order)."""
+        api = sorted(self.api.items(), key=lambda item: int(item[0]))
+        return [*self.config.values(), *(storage for _, (_, storage) in api)]
+
+    def get(self, storage_id: str) -> Any:
+        storage = self.config.get(storage_id)
+        if storage is None and storage_id in self.api:
+            storage = self.api[storage_id][1]
+        return storage
+
+    def backend(self, storage: AnyStorage) -> Backend:
+        backend = self.backends.get(storage.id)
+        if backend is None:
+            raise StorageUnavailable(self.problems.get(storage.id, "storage not ready"))
+        return backend
+
+
 class StorageCatalog:
+    """Source storages (`get`, `backend`, `signers`, … answer for them) and target storages
+    (`targets`), kept alike."""
+
     def __init__(self, settings: Settings, registry: SqlTaskRegistry, vault: Vault) -> None:
         self.settings = settings
         self.registry = registry
         self.vault = vault
-        self._config = {s.id: s for s in settings.storages}
-        self._api: dict[str, tuple[float, StorageSettings]] = {}  # id -> (updated_at, settings)
-        self._backends: dict[str, Backend] = {}
-        self.signers: dict[str, Signer] = {}
-        self.problems: dict[str, str] = {}  # API storage id -> why it cannot be used
-        self._retry_at: dict[str, float] = {}  # API storage id -> when to try a broken one again
-        self._by_project: dict[str, tuple[StorageSettings, ...]] = {}
+        self.sources = Shelf("source", list(settings.storages), storage_from_row)
+        self.targets = Shelf("export", list(settings.export_storages), target_from_row)
+        self.signers = self.sources.signers
+        self.problems = self.sources.problems
         self._session: aiohttp.ClientSession | None = None
         self._env = dict(os.environ)
         self._lock = asyncio.Lock()
-        self._index()
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -82,18 +157,21 @@ class StorageCatalog:
     async def start(self, session: aiohttp.ClientSession | None) -> None:
         """Backends and signers of the config storages (errors stop start-up), then API ones."""
         self._session = session
-        for storage in self._config.values():
-            try:
-                self._install(storage.id, *await self._build(storage))
-            except (CredentialsError, SigningError) as exc:
-                field = "presign" if isinstance(exc, SigningError) else "google_application_credentials"
-                raise ConfigError(f"[[storages]] id={storage.id!r}.{field}: {exc}") from None
+        for shelf, table in ((self.sources, "[[storages]]"), (self.targets, "[[export_storages]]")):
+            for storage in shelf.config.values():
+                try:
+                    shelf.install(storage.id, *await self._build(storage))
+                except (CredentialsError, SigningError) as exc:
+                    field = "presign" if isinstance(exc, SigningError) else "google_application_credentials"
+                    raise ConfigError(f"{table} id={storage.id!r}.{field}: {exc}") from None
         await self.refresh()
 
-    async def _build(self, storage: StorageSettings) -> tuple[Backend, Signer | None]:
-        """The storage's backend and (presign) signer; nothing is installed yet."""
-        credentials = await asyncio.to_thread(load_storage_credential, storage, self._env)
-        backend = build_backend(self.settings, storage, self._session, credentials, self._env)
+    async def _build(self, storage: AnyStorage) -> tuple[Backend, Signer | None]:
+        """The storage's backend and (presign) signer; nothing is installed yet. Target storages
+        get credentials scoped for writing."""
+        write = isinstance(storage, ExportStorageSettings)
+        credentials = await asyncio.to_thread(load_storage_credential, storage, self._env, write)  # type: ignore[arg-type]
+        backend = build_backend(self.settings, storage, self._session, credentials, self._env)  # type: ignore[arg-type]
         signer = None
         if storage.presign:
             assert self._session is not None
@@ -102,77 +180,60 @@ class StorageCatalog:
                 await resolve_identity(signer, *token_source)
         return backend, signer
 
-    def _install(self, storage_id: str, backend: Backend, signer: Signer | None) -> None:
-        self._backends[storage_id] = backend
-        if signer is None:
-            self.signers.pop(storage_id, None)
-        else:
-            self.signers[storage_id] = signer
-
     async def refresh(self) -> None:
-        """Reload API storages from the registry; rebuild those that changed.
+        """Reload API storages of both kinds from the registry; rebuild those that changed.
 
-        A changed storage keeps being served with its previous settings until the new ones are
+        A changed storage keeps being used with its previous settings until the new ones are
         built, then is swapped in at once. A storage that cannot be used (credentials that do not
         load or cannot be decrypted here, a signing identity that cannot be resolved) stays
-        listed with its problem, without a backend — never served with other credentials — and
+        listed with its problem, without a backend — never used with other credentials — and
         is tried again every RETRY_BROKEN seconds, since the cause may be passing (IAM unreachable).
         """
         async with self._lock:
-            rows = {str(row["id"]): row for row in await self.registry.list_storages()}
-            for storage_id in set(self._api) - set(rows):
-                self._forget(storage_id)
-            now = time.monotonic()
-            for storage_id, row in rows.items():
-                known = self._api.get(storage_id)
-                if (
-                    known is not None
-                    and known[0] == row["updated_at"]
-                    and (storage_id not in self.problems or now < self._retry_at.get(storage_id, 0.0))
-                ):
-                    continue
-                previous = self.problems.get(storage_id)
-                try:
-                    storage = storage_from_row(row, self.vault)
-                except VaultError as exc:
-                    # Shown (and deletable, editable) with the problem; unusable without its own credentials.
-                    self._forget(storage_id)
-                    self._api[storage_id] = (
-                        row["updated_at"],
-                        storage_from_row({**row, "credentials": None}, self.vault),
-                    )
-                    self._broken(storage_id, str(exc), previous, now)
-                    continue
-                try:
-                    built = await self._build(storage)
-                except (CredentialsError, SigningError, ValueError) as exc:
-                    self._forget(storage_id)
-                    self._api[storage_id] = (row["updated_at"], storage)
-                    self._broken(storage_id, str(exc), previous, now)
-                    continue
-                self._forget(storage_id)
-                self._api[storage_id] = (row["updated_at"], storage)
-                self._install(storage_id, *built)
-            self._index()
+            for shelf in (self.sources, self.targets):
+                await self._refresh(shelf)
 
-    def _broken(self, storage_id: str, problem: str, previous: str | None, now: float) -> None:
-        self.problems[storage_id] = problem
-        self._retry_at[storage_id] = now + RETRY_BROKEN
+    async def _refresh(self, shelf: Shelf) -> None:
+        rows = {str(row["id"]): row for row in await self.registry.list_storages(shelf.kind)}
+        for storage_id in set(shelf.api) - set(rows):
+            shelf.forget(storage_id)
+        now = time.monotonic()
+        for storage_id, row in rows.items():
+            known = shelf.api.get(storage_id)
+            if (
+                known is not None
+                and known[0] == row["updated_at"]
+                and (storage_id not in shelf.problems or now < shelf.retry_at.get(storage_id, 0.0))
+            ):
+                continue
+            previous = shelf.problems.get(storage_id)
+            try:
+                storage = shelf.from_row(row, self.vault)
+            except VaultError as exc:
+                # Shown (and deletable, editable) with the problem; unusable without its own credentials.
+                shelf.forget(storage_id)
+                shelf.api[storage_id] = (row["updated_at"], shelf.from_row({**row, "credentials": None}, self.vault))
+                self._broken(shelf, storage_id, str(exc), previous, now)
+                continue
+            try:
+                built = await self._build(storage)
+            except (CredentialsError, SigningError, ValueError) as exc:
+                shelf.forget(storage_id)
+                shelf.api[storage_id] = (row["updated_at"], storage)
+                self._broken(shelf, storage_id, str(exc), previous, now)
+                continue
+            shelf.forget(storage_id)
+            shelf.api[storage_id] = (row["updated_at"], storage)
+            shelf.install(storage_id, *built)
+        shelf.index()
+
+    @staticmethod
+    def _broken(shelf: Shelf, storage_id: str, problem: str, previous: str | None, now: float) -> None:
+        shelf.problems[storage_id] = problem
+        shelf.retry_at[storage_id] = now + RETRY_BROKEN
         if problem != previous:  # once per problem, not at every retry
-            log.warning("storage %s cannot be used: %s", storage_id, problem)
-
-    def _forget(self, storage_id: str) -> None:
-        self._api.pop(storage_id, None)
-        self._backends.pop(storage_id, None)
-        self.signers.pop(storage_id, None)
-        self.problems.pop(storage_id, None)
-        self._retry_at.pop(storage_id, None)
-
-    def _index(self) -> None:
-        by_project: dict[str, list[StorageSettings]] = {}
-        for storage in self.all():
-            by_project.setdefault(storage.project, []).append(storage)
-        self._by_project = {project: tuple(storages) for project, storages in by_project.items()}
+            kind = "target storage" if shelf.kind == "export" else "storage"
+            log.warning("%s %s cannot be used: %s", kind, storage_id, problem)
 
     async def run(self, on_tasks_changed: Callable[[], None] | None = None) -> None:
         """Reload periodically until cancelled; a registry outage only delays the next reload.
@@ -200,29 +261,21 @@ class StorageCatalog:
             return None
 
     def all(self) -> list[StorageSettings]:
-        """Config-file storages in file order, then API storages by id (a stable order)."""
-        api = sorted(self._api.items(), key=lambda item: int(item[0]))
-        return [*self._config.values(), *(storage for _, (_, storage) in api)]
+        return self.sources.all()
 
     def storages_of(self, project: str) -> tuple[StorageSettings, ...]:
-        return self._by_project.get(project, ())
+        return self.sources.by_project.get(project, ())
 
     def get(self, storage_id: str) -> StorageSettings | None:
-        storage = self._config.get(storage_id)
-        if storage is None and storage_id in self._api:
-            storage = self._api[storage_id][1]
-        return storage
+        return self.sources.get(storage_id)
 
     def backend(self, storage: StorageSettings) -> Backend:
-        backend = self._backends.get(storage.id)
-        if backend is None:
-            raise StorageUnavailable(self.problems.get(storage.id, "storage not ready"))
-        return backend
+        return self.sources.backend(storage)
 
     def backends(self) -> dict[str, Backend]:
-        return dict(self._backends)
+        return dict(self.sources.backends)
 
     async def close(self) -> None:
-        for backend in self._backends.values():
+        for backend in (*self.sources.backends.values(), *self.targets.backends.values()):
             with contextlib.suppress(Exception):
                 await backend.close()

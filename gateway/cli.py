@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT)")
     serve.set_defaults(command=cmd_serve)
 
-    worker = with_config(sub.add_parser("worker", help="run the import sync worker alone (no HTTP)"))
+    worker = with_config(sub.add_parser("worker", help="run the import sync and export workers alone (no HTTP)"))
     worker.set_defaults(command=cmd_worker)
 
     sync = with_config(sub.add_parser("sync", help="sync source storages now, in the foreground"))

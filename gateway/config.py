@@ -177,6 +177,11 @@ class ExportStorageSettings:
     description: str = ""
     presign: bool = False  # never used for export; lets the storage backends treat both kinds alike
 
+    @property
+    def from_api(self) -> bool:
+        """Target storages created through the API have numeric ids; config-file ids never are."""
+        return self.id.isdigit()
+
     def object_key(self, annotation_id: int) -> str:
         name = f"{annotation_id}.json" if self.json_extension else str(annotation_id)
         return f"{self.prefix}{name}"
@@ -391,7 +396,7 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
 
 
 def _validate_target(s: ExportStorageSettings, where: str, base_dir: Path | None) -> ExportStorageSettings:
-    _check_id(s.id, where)
+    _check_id(s.id, where, " (numeric ids belong to API storages)")
     s = _checked_place(s, where)
     if s.presign:
         raise ConfigError(f"{where}.presign: not a setting of export storages")

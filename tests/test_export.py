@@ -379,7 +379,14 @@ async def test_label_studio_payloads_round_trip_to_the_bucket(export_world, kind
     assert await world.read(101) is None and await world.read(102) is None
     assert await world.keys() == ["annotations/103", "annotations/104"]
     status = await world.status()
-    assert status == {"pending": 0, "oldest_pending_seconds": None, "failing": 0, "last_error": None}
+    assert {k: status[k] for k in ("pending", "oldest_pending_seconds", "failing", "last_error", "delivered")} == {
+        "pending": 0,
+        "oldest_pending_seconds": None,
+        "failing": 0,
+        "last_error": None,
+        "delivered": 4,  # two objects written, two deleted
+    }
+    assert status["last_delivered_at"] is not None
 
 
 async def _label_is(world: World, annotation_id: int, label: str) -> bool:
@@ -568,8 +575,8 @@ class GatedBackend:
 
 async def test_an_update_during_an_upload_is_written_after_it(export_world):
     world = await export_world()
-    gated = GatedBackend(world.worker._backends[world.target])
-    world.worker._backends[world.target] = gated
+    gated = GatedBackend(world.app[CATALOG].targets.backends[world.target])
+    world.app[CATALOG].targets.backends[world.target] = gated
     await world.post(created(1001, 101, "first"))
     await asyncio.wait_for(gated.entered.wait(), 10)  # the first version is being uploaded now
     await world.post(updated(1001, 101, "second"))
@@ -585,8 +592,8 @@ async def test_an_update_during_an_upload_is_written_after_it(export_world):
 
 async def test_gcs_failing_then_recovering_delivers_every_annotation_once(export_world):
     world = await export_world(create_bucket=False)
-    counting = GatedBackend(world.worker._backends[world.target], gate=False)
-    world.worker._backends[world.target] = counting
+    counting = GatedBackend(world.app[CATALOG].targets.backends[world.target], gate=False)
+    world.app[CATALOG].targets.backends[world.target] = counting
     ids = list(range(1101, 1111))
     await world.post(bulk([(a, 110) for a in ids[:5]]))
     for a in ids[5:]:
@@ -606,7 +613,13 @@ async def test_gcs_failing_then_recovering_delivers_every_annotation_once(export
 
     export_world.emulator.create_bucket(world.bucket)
     status = await world.drained()
-    assert status == {"pending": 0, "oldest_pending_seconds": None, "failing": 0, "last_error": None}
+    assert {k: status[k] for k in ("pending", "oldest_pending_seconds", "failing", "last_error", "delivered")} == {
+        "pending": 0,
+        "oldest_pending_seconds": None,
+        "failing": 0,
+        "last_error": None,
+        "delivered": len(ids),
+    }
     assert sorted(counting.uploads) == sorted(world.key(a) for a in ids)
     assert set(counting.uploads.values()) == {1}  # exactly once each
     for a in ids:
@@ -629,12 +642,10 @@ async def test_a_dead_worker_lease_delays_and_two_workers_never_share(export_wor
 
     registries = [SqlTaskRegistry(world.registry_url) for _ in range(2)]
     workers = [
-        ExportWorker(world.app[SETTINGS], registry, world.app[CATALOG].session, name=f"w{n}")
-        for n, registry in enumerate(registries)
+        ExportWorker(world.app[CATALOG], registry=registry, name=f"w{n}") for n, registry in enumerate(registries)
     ]
     leases: list[tuple[str, int]] = []
     for worker in workers:
-        worker.start()
         original = worker.outbox.lease
 
         async def counted(name: str, limit: int, seconds: float, original: Any = original) -> Any:

@@ -69,9 +69,9 @@ def _listed(value: Any, where: str) -> list[dict[str, Any]]:
 
 async def _record(request: web.Request, project: str, events: list[tuple[int, int | None, Any]]) -> list[int]:
     targets = [t.id for t in request.app[SETTINGS].export_storages if t.project == project]
-    versions = await Outbox(request.app[REGISTRY]).record(project, events, targets)
+    versions = await Outbox(request.app[REGISTRY]).record(project, events, targets)  # + API targets
     worker = request.app[EXPORT_WORKER]
-    if worker is not None and targets:
+    if worker is not None:
         worker.wake()
     return versions
 

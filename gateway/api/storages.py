@@ -126,6 +126,16 @@ def represent(storage: StorageSettings, job: dict[str, Any] | None, row: dict[st
     return answer
 
 
+async def refuse_unreadable_credentials(request: web.Request, body: dict[str, Any], current: Any, shelf: Any) -> None:
+    """A stored storage tested without new credentials whose own cannot be read here (another
+    replica's encryption key): refused, never tested with other (default) credentials."""
+    problem = shelf.problems.get(current.id)
+    if SECRET not in body and current.from_api and not current.google_application_credentials and problem:
+        row = await request.app[REGISTRY].get_storage(int(current.id), shelf.kind)
+        if row is not None and row["credentials"]:
+            raise Invalid({SECRET: f"the stored credentials cannot be used here: {problem}"}, "bad_credentials")
+
+
 def _job_meta(job: dict[str, Any] | None) -> dict[str, Any]:
     if job is None:
         return {**empty_counters(), "errors_sample": [], "message": None}
@@ -190,7 +200,7 @@ async def create_storage(request: web.Request) -> web.Response:
 async def update_storage(request: web.Request) -> web.Response:
     await require_admin(request)
     storage = await _api_storage(request)
-    values = await _checked(request, await _body(request), partial=True, current=storage)
+    values = await _checked(request, await _body(request), partial=True)
     values.pop("_plain_credentials", None)
     if values.get("project", storage.project) != storage.project:
         # Its tasks belong to the project they were imported into; moving the storage would strand them.
@@ -219,14 +229,8 @@ async def validate_storage(request: web.Request) -> web.Response:
     current = None
     if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
         current = await _storage(request, str(body["id"]))
-        problem = request.app[CATALOG].problems.get(current.id)
-        if SECRET not in body and current.from_api and not current.google_application_credentials and problem:
-            row = await request.app[REGISTRY].get_storage(int(current.id))
-            if row is not None and row["credentials"]:  # stored, but not readable here: never test others
-                raise Invalid({SECRET: f"the stored credentials cannot be used here: {problem}"}, "bad_credentials")
-    values = await _checked(
-        request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None, current=current
-    )
+        await refuse_unreadable_credentials(request, body, current, request.app[CATALOG].sources)
+    values = await _checked(request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None)
     storage = _as_settings(values, current)
     await _try_connection(request, storage)
     return web.json_response({"ok": True, "message": f"bucket {storage.bucket} can be listed with these settings"})
@@ -284,17 +288,25 @@ async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, An
 
 
 async def _checked(
-    request: web.Request, body: dict[str, Any], *, partial: bool, current: StorageSettings | None = None
+    request: web.Request,
+    body: dict[str, Any],
+    *,
+    partial: bool,
+    defaults: dict[str, Any] = _DEFAULTS,
+    read_only: frozenset[str] = _READ_ONLY,
 ) -> dict[str, Any]:
-    """The storage's column values from a request body; every problem named by its field."""
+    """The storage's column values from a request body; every problem named by its field.
+
+    `defaults` are the fields a storage of this kind has beside project, bucket and credentials
+    (source storages: _DEFAULTS; target storages pass theirs); `read_only` ones are ignored."""
     errors: dict[str, str] = {}
     values: dict[str, Any] = {}
     for key in body:
-        if key not in _DEFAULTS and key not in ("project", "bucket", SECRET) and key not in _READ_ONLY:
+        if key not in defaults and key not in ("project", "bucket", SECRET) and key not in read_only:
             errors[key] = "unknown field"
-    fields = {k: v for k, v in body.items() if k not in _READ_ONLY}
+    fields = {k: v for k, v in body.items() if k not in read_only}
     if not partial:
-        fields = {**_DEFAULTS, **fields}
+        fields = {**defaults, **fields}
         for required in ("project", "bucket"):
             if required not in fields:
                 errors[required] = "this field is required"
@@ -341,7 +353,7 @@ async def _checked(
     text("regex_filter", 1024)
     text("data_key")
     text("google_project_id", allow_none=True)
-    for name in ("use_blob_urls", "recursive_scan", "presign"):
+    for name in ("use_blob_urls", "recursive_scan", "presign", "can_delete_objects", "json_extension"):
         flag(name)
     number("presign_ttl", 1, 10080)
     number("sync_interval", 0, 7 * 24 * 3600)
@@ -461,21 +473,24 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def _as_settings(values: dict[str, Any], current: StorageSettings | None) -> StorageSettings:
+def _as_settings(
+    values: dict[str, Any], current: Any, cls: type = StorageSettings, defaults: dict[str, Any] = _DEFAULTS
+) -> Any:
+    """Settings of kind `cls` to test: the checked `values` over the `current` storage's, if any."""
     merged: dict[str, Any] = (
         {}
         if current is None
         else {
             "project": current.project,
             "bucket": current.bucket,
-            **{name: getattr(current, name) for name in _DEFAULTS},
+            **{name: getattr(current, name) for name in defaults},
             SECRET: current.google_application_credentials,
         }
     )
-    merged.update({k: v for k, v in values.items() if k in _DEFAULTS or k in ("project", "bucket")})
+    merged.update({k: v for k, v in values.items() if k in defaults or k in ("project", "bucket")})
     if "_plain_credentials" in values or "credentials" in values:
         merged[SECRET] = values.get("_plain_credentials")
-    return StorageSettings(id=current.id if current else "validate", type="gcs", **merged)
+    return cls(id=current.id if current else "validate", type="gcs", **merged)
 
 
 async def _try_connection(request: web.Request, storage: StorageSettings) -> None:

@@ -20,14 +20,12 @@ import socket
 import uuid
 from typing import Any
 
-import aiohttp
-
 from .. import metrics
-from ..config import ExportStorageSettings, Settings
+from ..catalog import StorageCatalog
 from ..registry import RegistryUnavailable
 from ..registry.outbox import Delivery, Outbox
 from ..registry.sql import SqlTaskRegistry
-from ..storage import StorageError, build_backend, load_storage_credential
+from ..storage import StorageError
 
 log = logging.getLogger("gateway.export")
 
@@ -39,33 +37,23 @@ def object_bytes(body: dict[str, Any]) -> bytes:
 
 class ExportWorker:
     def __init__(
-        self,
-        settings: Settings,
-        registry: SqlTaskRegistry,
-        session: aiohttp.ClientSession | None,
-        *,
-        name: str | None = None,
+        self, catalog: StorageCatalog, *, registry: SqlTaskRegistry | None = None, name: str | None = None
     ) -> None:
-        self.settings = settings.export
-        self.outbox = Outbox(registry)
-        self.targets: dict[str, ExportStorageSettings] = {t.id: t for t in settings.export_storages}
+        """Target storages and their backends come from the (started) catalog: config-file ones
+        and those created through the API, as the registry had them at its last refresh. The
+        outbox is the catalog's registry unless another connection pool is given."""
+        self.settings = catalog.settings.export
+        self.catalog = catalog
+        self.outbox = Outbox(registry or catalog.registry)
         self.name = name or f"export:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._settings = settings
-        self._session = session
-        self._backends: dict[str, Any] = {}
         self._wake = asyncio.Event()
-
-    def start(self) -> None:
-        """Backends of the target storages (credentials with write scope); errors stop start-up."""
-        for target in self.targets.values():
-            credentials = load_storage_credential(target, write=True)  # type: ignore[arg-type]
-            self._backends[target.id] = build_backend(self._settings, target, self._session, credentials)  # type: ignore[arg-type]
+        self._reported: set[str] = set()
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        log.info("export worker %s started (%d target storages)", self.name, len(self.targets))
+        log.info("export worker %s started", self.name)
         while True:
             try:
                 done = await self.drain_once()
@@ -106,7 +94,11 @@ class ExportWorker:
         return len(leased)
 
     async def _deliver(self, delivery: Delivery) -> None:
-        target = self.targets.get(delivery.target_id)
+        targets = self.catalog.targets
+        target = targets.get(delivery.target_id)
+        if target is None and delivery.target_id.isdigit():  # created through another replica just now?
+            await self.catalog.refresh()
+            target = targets.get(delivery.target_id)
         if target is None:
             await self.outbox.failed(
                 delivery, self.name, "the target storage is not configured", self.settings.retry_max
@@ -116,10 +108,10 @@ class ExportWorker:
         if state is None:  # cannot happen: deliveries are written with their annotation
             await self.outbox.failed(delivery, self.name, "the annotation is unknown", self.settings.retry_max)
             return
-        backend = self._backends[target.id]
         key = target.object_key(delivery.annotation_id)
         operation = "upload"
         try:
+            backend = targets.backend(target)  # StorageUnavailable while its credentials cannot be used
             if state.deleted or state.body is None:
                 operation = "delete" if target.can_delete_objects else "kept"
                 if target.can_delete_objects:
@@ -153,10 +145,14 @@ class ExportWorker:
         return retry_in * random.uniform(0.8, 1.2)
 
     async def _report(self) -> None:
-        status = await self.outbox.status(list(self.targets))
+        status = await self.outbox.status([t.id for t in self.catalog.targets.all()])
         for target_id, values in status.items():
             metrics.EXPORT_PENDING.labels(target_id).set(values["pending"])
             metrics.EXPORT_OLDEST.labels(target_id).set(values["oldest_pending_seconds"] or 0)
+        for gone in self._reported - set(status):  # a deleted target storage
+            metrics.EXPORT_PENDING.remove(gone)
+            metrics.EXPORT_OLDEST.remove(gone)
+        self._reported = set(status)
 
     async def stop(self, main: asyncio.Task[Any]) -> None:
         main.cancel()

@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .schema import annotations_table, deliveries_table
+from .schema import annotations_table, deliveries_table, export_storages_table
 from .sql import SqlTaskRegistry, _to_the_end
 
 
@@ -55,11 +55,20 @@ class Outbox:
     async def record(
         self, project: str, events: list[tuple[int, int | None, dict[str, Any] | None]], targets: list[str]
     ) -> list[int]:
-        """Events (annotation id, task id, body — None deletes) in one transaction; their versions."""
+        """Events (annotation id, task id, body — None deletes) in one transaction; their versions.
+
+        They are wanted at `targets` (the config file's target storages of the project) and at
+        the project's API target storages as the transaction sees them, so a storage created
+        through another replica a moment ago is not missed.
+        """
         now = time.time()
         a, d = annotations_table.c, deliveries_table.c
         versions: list[int] = []
         async with self.registry._begin() as conn:
+            api = await conn.execute(
+                select(export_storages_table.c.id).where(export_storages_table.c.project == project)
+            )
+            targets = [*targets, *(str(ident) for ident in api.scalars())]
             for annotation_id, task_id, body in events:
                 statement = self._insert(annotations_table).values(
                     id=annotation_id,
@@ -215,29 +224,44 @@ class Outbox:
             )
 
     async def status(self, targets: list[str]) -> dict[str, dict[str, Any]]:
-        """Per target: pending deliveries, the oldest pending age, failing ones, the last error."""
+        """Per target: pending deliveries, the oldest pending age, failing ones, the last error;
+        annotations delivered (their current version in the storage) and the last delivery time."""
         d = deliveries_table.c
         now = time.time()
         pending = d.wanted_version > d.delivered_version
-        answer = {t: {"pending": 0, "oldest_pending_seconds": None, "failing": 0, "last_error": None} for t in targets}
+        answer: dict[str, dict[str, Any]] = {
+            t: {
+                "pending": 0,
+                "oldest_pending_seconds": None,
+                "failing": 0,
+                "last_error": None,
+                "delivered": 0,
+                "last_delivered_at": None,
+            }
+            for t in targets
+        }
         if not targets:
             return answer
         async with self.registry._connect() as conn:
             rows = await conn.execute(
                 select(
                     d.target_id,
-                    func.count(),
-                    func.min(d.pending_since),
-                    func.sum(case((d.last_error.is_not(None), 1), else_=0)),
+                    func.sum(case((pending, 1), else_=0)),
+                    func.min(case((pending, d.pending_since), else_=None)),
+                    func.sum(case((and_(pending, d.last_error.is_not(None)), 1), else_=0)),
+                    func.sum(case((pending, 0), else_=1)),
+                    func.max(d.delivered_at),
                 )
-                .where(d.target_id.in_(targets), pending)
+                .where(d.target_id.in_(targets))
                 .group_by(d.target_id)
             )
-            for target, count, since, failing in rows:
+            for target, count, since, failing, delivered, last in rows:
                 answer[target].update(
-                    pending=count,
+                    pending=int(count or 0),
                     oldest_pending_seconds=None if since is None else round(now - since, 3),
                     failing=int(failing or 0),
+                    delivered=int(delivered or 0),
+                    last_delivered_at=last,
                 )
             errors = await conn.execute(
                 select(d.target_id, d.last_error)

@@ -115,6 +115,27 @@ sync_jobs_table = Table(
     sqlite_autoincrement=True,
 )
 
+# Target storages created through the API (config-file ones live in the config). Ids are their
+# own sequence, as in Label Studio: deliveries name them by this id.
+export_storages_table = Table(
+    "export_storages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", String(255), nullable=False),
+    Column("title", String(255), nullable=False, server_default=""),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("bucket", String(255), nullable=False),
+    Column("prefix", Text, nullable=False, server_default=""),
+    Column("can_delete_objects", Boolean, nullable=False),
+    Column("json_extension", Boolean, nullable=False),
+    Column("credentials", Text, nullable=True),  # encrypted (gateway/vault.py), never returned
+    Column("google_project_id", String(255), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_export_storages_project", "project"),
+    sqlite_autoincrement=True,  # a deleted storage's id (and its deliveries' key) is never reused
+)
+
 # The export outbox: the latest state of every annotation the gateway was told about, and for
 # each target storage of its project the version wanted there and the version delivered.
 annotations_table = Table(

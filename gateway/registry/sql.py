@@ -26,6 +26,8 @@ from . import ImportedObject, RegistryUnavailable, TaskAccess
 from .migrate import upgrade
 from .schema import (
     ACTIVE,
+    deliveries_table,
+    export_storages_table,
     storage_objects_table,
     storages_table,
     sync_jobs_table,
@@ -36,6 +38,7 @@ from .schema import (
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps counting
 KEYS_PER_STATEMENT = 1000  # SQLite and asyncpg refuse statements with more than 32766 parameters
+_STORAGE_TABLES = {"source": storages_table, "export": export_storages_table}
 
 
 P = ParamSpec("P")
@@ -176,46 +179,56 @@ class SqlTaskRegistry:
     async def close(self) -> None:
         await self._engine.dispose()
 
-    # -- source storages created through the API ----------------------------------------------
+    # -- storages created through the API: sources (`kind="source"`) and targets (`"export"`) ---
 
     @_to_the_end
-    async def create_storage(self, values: dict[str, Any]) -> dict[str, Any]:
+    async def create_storage(self, values: dict[str, Any], kind: str = "source") -> dict[str, Any]:
+        table = _STORAGE_TABLES[kind]
         now = time.time()
         async with self._begin() as conn:
-            result = await conn.execute(insert(storages_table).values(**values, created_at=now, updated_at=now))
-            storage_id = result.inserted_primary_key[0]
-            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one()
+            result = await conn.execute(insert(table).values(**values, created_at=now, updated_at=now))
+            row = (await conn.execute(select(table).where(table.c.id == result.inserted_primary_key[0]))).one()
         return dict(row._mapping)
 
-    async def get_storage(self, storage_id: int) -> dict[str, Any] | None:
+    async def get_storage(self, storage_id: int, kind: str = "source") -> dict[str, Any] | None:
+        table = _STORAGE_TABLES[kind]
         async with self._connect() as conn:
-            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one_or_none()
+            row = (await conn.execute(select(table).where(table.c.id == storage_id))).one_or_none()
         return None if row is None else dict(row._mapping)
 
-    async def list_storages(self) -> list[dict[str, Any]]:
+    async def list_storages(self, kind: str = "source") -> list[dict[str, Any]]:
+        table = _STORAGE_TABLES[kind]
         async with self._connect() as conn:
-            rows = await conn.execute(select(storages_table).order_by(storages_table.c.id))
+            rows = await conn.execute(select(table).order_by(table.c.id))
             return [dict(row._mapping) for row in rows]
 
     @_to_the_end
-    async def update_storage(self, storage_id: int, values: dict[str, Any]) -> dict[str, Any] | None:
+    async def update_storage(
+        self, storage_id: int, values: dict[str, Any], kind: str = "source"
+    ) -> dict[str, Any] | None:
+        table = _STORAGE_TABLES[kind]
         async with self._begin() as conn:
             result = await conn.execute(
-                update(storages_table).where(storages_table.c.id == storage_id).values(**values, updated_at=time.time())
+                update(table).where(table.c.id == storage_id).values(**values, updated_at=time.time())
             )
             if result.rowcount == 0:
                 return None
-            row = (await conn.execute(select(storages_table).where(storages_table.c.id == storage_id))).one()
+            row = (await conn.execute(select(table).where(table.c.id == storage_id))).one()
         return dict(row._mapping)
 
     @_to_the_end
-    async def delete_storage(self, storage_id: int) -> bool:
-        """Forget a storage and its sync history; its tasks stay, detached (as Label Studio keeps them)."""
+    async def delete_storage(self, storage_id: int, kind: str = "source") -> bool:
+        """Forget a storage. A source's sync history goes and its tasks stay, detached (as Label
+        Studio keeps them); a target's pending deliveries go (its objects stay in the bucket)."""
         key = str(storage_id)
+        table = _STORAGE_TABLES[kind]
         async with self._begin() as conn:
-            result = await conn.execute(delete(storages_table).where(storages_table.c.id == storage_id))
+            result = await conn.execute(delete(table).where(table.c.id == storage_id))
             if result.rowcount == 0:
                 return False
+            if kind == "export":
+                await conn.execute(delete(deliveries_table).where(deliveries_table.c.target_id == key))
+                return True
             await conn.execute(
                 update(tasks_table)
                 .where(tasks_table.c.storage_id == key)
