@@ -55,11 +55,12 @@ _BEARER_REALM = 'Bearer realm="media-gateway"'
 
 
 def create_app(
-    settings: Settings, registry: SqlTaskRegistry | None = None, *, sync_worker: bool = False
+    settings: Settings, registry: SqlTaskRegistry | None = None, *, workers: bool = False
 ) -> web.Application:
     """The gateway application; `registry` may be injected (tests), else opened from settings.
 
-    With `sync_worker`, the process also runs the sync worker (gateway/sync/worker.py).
+    With `workers`, the process also runs the sync worker (gateway/sync/worker.py) and the export
+    worker (gateway/export/worker.py), each unless its section's `worker = false`.
     """
     app = web.Application(
         middlewares=[gateway_middleware],
@@ -76,8 +77,8 @@ def create_app(
     app[SYNC_WORKER] = None
     app[EXPORT_WORKER] = None
     app.cleanup_ctx.append(_upstream_context)
-    if sync_worker:
-        app.cleanup_ctx.append(_sync_worker_context)
+    if workers:
+        app.cleanup_ctx.append(_workers_context)
 
     media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG])
     for name, path, handler in (
@@ -116,24 +117,21 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
     await app[REGISTRY].close()
 
 
-async def _sync_worker_context(app: web.Application):  # type: ignore[no-untyped-def]
+async def _workers_context(app: web.Application):  # type: ignore[no-untyped-def]
+    from .export.worker import ExportWorker
     from .sync.worker import SyncWorker
 
-    worker = SyncWorker(app[CATALOG], on_change=app[TASKS].forget)
-    app[SYNC_WORKER] = worker
-    task = asyncio.create_task(worker.run())
-    exporter = exporting = None
     settings = app[SETTINGS]
+    running: list[tuple[Any, asyncio.Task[Any]]] = []
+    if settings.sync.worker:
+        app[SYNC_WORKER] = SyncWorker(app[CATALOG], on_change=app[TASKS].forget)
+        running.append((app[SYNC_WORKER], asyncio.create_task(app[SYNC_WORKER].run())))
     if settings.export.worker:  # target storages may be declared in the file or created through the API
-        from .export.worker import ExportWorker
-
-        exporter = ExportWorker(app[CATALOG])
-        app[EXPORT_WORKER] = exporter
-        exporting = asyncio.create_task(exporter.run())
+        app[EXPORT_WORKER] = ExportWorker(app[CATALOG])
+        running.append((app[EXPORT_WORKER], asyncio.create_task(app[EXPORT_WORKER].run())))
     yield
-    if exporter is not None and exporting is not None:
-        await exporter.stop(exporting)
-    await worker.stop(task)
+    for worker, task in reversed(running):
+        await worker.stop(task)
 
 
 def route_name(request: web.BaseRequest) -> str:

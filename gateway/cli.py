@@ -350,7 +350,7 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     log = logging.getLogger("gateway")
     try:
         web.run_app(
-            create_app(settings, sync_worker=settings.sync.worker and index == 0),
+            create_app(settings, workers=index == 0),
             host=server.host,
             port=server.port,
             reuse_port=settings.server.workers > 1,

@@ -150,7 +150,7 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    worker: bool = True  # `gateway serve` runs the export worker (with the sync worker)
+    worker: bool = True  # `gateway serve` runs the export worker in-process (in its first worker)
     poll_interval: float = 0.5  # seconds between looks at the outbox (events in this process wake it)
     batch: int = 50  # deliveries leased at once
     concurrency: int = 8  # uploads at once per worker

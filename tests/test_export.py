@@ -306,7 +306,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
         create_bucket: bool = True,
         webhooks: dict[str, Any] | None = None,
         export: dict[str, Any] | None = None,
-        sync_worker: bool = True,
+        workers: bool = True,
     ) -> World:
         bucket = f"export-{uuid.uuid4().hex[:12]}"
         target_id = f"t-{uuid.uuid4().hex[:8]}"
@@ -338,7 +338,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             export={"poll_interval": 0.05, "retry_base": 0.02, "retry_max": 0.2, **(export or {})},
             export_storages=[target],
         )
-        client = await aiohttp_client(create_app(settings, sync_worker=sync_worker))
+        client = await aiohttp_client(create_app(settings, workers=workers))
         return World(client, kind, bucket, target_id, "annotations/", registry_url, emulator.url, root, http, tmp_path)
 
     build.emulator = emulator  # type: ignore[attr-defined]
@@ -430,7 +430,7 @@ async def nothing_recorded(world: World, annotation_id: int) -> None:
 
 
 async def test_wrong_or_missing_secret_is_401_and_records_nothing(export_world):
-    world = await export_world(sync_worker=False)  # nothing drains: anything recorded would stay pending
+    world = await export_world(workers=False)  # nothing drains: anything recorded would stay pending
     for headers in ({}, {SECRET_HEADER: "wrong-secret-0123456789abcdef"}, {SECRET_HEADER: ""}):
         answer = await world.post(created(401, 41), 401, headers=headers)
         assert answer["error"] == "bad_webhook_secret"
@@ -441,7 +441,7 @@ async def test_wrong_or_missing_secret_is_401_and_records_nothing(export_world):
 
 async def test_hmac_signature(export_world):
     world = await export_world(
-        sync_worker=False,
+        workers=False,
         webhooks={"hmac_secret": HMAC_SECRET, "project_map": [f"{LS_PROJECT}={GATEWAY_PROJECT}"]},
     )
     body = json.dumps(created(501, 51)).encode()
@@ -456,14 +456,14 @@ async def test_hmac_signature(export_world):
 
 
 async def test_webhooks_not_configured_is_503(export_world):
-    world = await export_world(sync_worker=False, webhooks={})
+    world = await export_world(workers=False, webhooks={})
     answer = await world.post(created(601, 61), 503, headers=GOOD)
     assert answer["error"] == "webhooks_disabled"
     await nothing_recorded(world, 601)
 
 
 async def test_unknown_actions_are_ignored_and_malformed_payloads_named(export_world):
-    world = await export_world(sync_worker=False)
+    world = await export_world(workers=False)
     answer = await world.post({"action": "PROJECT_UPDATED", "project": ls_project()})
     assert answer == {"status": "ignored", "action": "PROJECT_UPDATED"}
     answer = await world.post({"action": "TASKS_CREATED", "tasks": [ls_task(1)], "project": ls_project()})
@@ -633,7 +633,7 @@ async def _bigger(value: Callable[[], float], than: float) -> bool:
 
 
 async def test_a_dead_worker_lease_delays_and_two_workers_never_share(export_world):
-    world = await export_world(sync_worker=False, export={"lease_seconds": 10})
+    world = await export_world(workers=False, export={"lease_seconds": 10})
     await world.post(bulk([(a, 120) for a in range(1201, 1241)]))
     outbox = world.outbox
     dead = await outbox.lease("dead-worker", 10, 2.0)  # then never delivers

@@ -117,7 +117,7 @@ async def gateways(registry_url, emulator, tmp_path, aiohttp_client, monkeypatch
                 }
             ],
         )
-        client = await aiohttp_client(create_app(settings, sync_worker=worker))
+        client = await aiohttp_client(create_app(settings, workers=worker))
         return Gateway(client, http, emulator.url)
 
     build.emulator = emulator  # type: ignore[attr-defined]

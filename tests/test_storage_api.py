@@ -105,7 +105,7 @@ def world(tmp_path, emulator, aiohttp_client, monkeypatch):
             **registry,
         }
         settings = build_settings([config_storage], tmp_path, registry=registry, sync={"poll_interval": 0.1})
-        client = await aiohttp_client(create_app(settings, sync_worker=worker))
+        client = await aiohttp_client(create_app(settings, workers=worker))
         return Api(client, bucket)
 
     build.emulator = emulator  # type: ignore[attr-defined]

@@ -109,15 +109,15 @@ def _report(storage_id: str, job: dict[str, Any]) -> int:
 
 
 async def worker_command(settings: Settings) -> int:
-    """Run the sync worker (and the export worker, unless `[export] worker = false`) until
-    SIGTERM or SIGINT; a running job goes back to the queue, leased deliveries are retried."""
+    """Run the sync and export workers until SIGTERM or SIGINT (the `worker` settings only tell
+    `gateway serve` whether to run them); a running job goes back to the queue."""
     from ..export.worker import ExportWorker
 
     async with opened_catalog(settings) as catalog:
         worker = SyncWorker(catalog)
         main = asyncio.create_task(worker.run())
-        exporter = ExportWorker(catalog) if settings.export.worker else None
-        exporting = asyncio.create_task(exporter.run()) if exporter is not None else None
+        exporter = ExportWorker(catalog)
+        exporting = asyncio.create_task(exporter.run())
         refresher = asyncio.create_task(catalog.run())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -125,8 +125,7 @@ async def worker_command(settings: Settings) -> int:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         refresher.cancel()
-        if exporter is not None and exporting is not None:
-            await exporter.stop(exporting)
+        await exporter.stop(exporting)
         await worker.stop(main)
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
