@@ -2,20 +2,25 @@
 
 A storage created through one replica is synced by a separate worker process, its status read
 through the other replica, and its tasks served by either; a worker killed in the middle of a
-sync is replaced by another, which finishes the job with exactly one task per object. Run on
-SQLite (one file, WAL) and on PostgreSQL.
+sync is replaced by another, which finishes the job with exactly one task per object; a worker
+killed in the middle of annotation uploads is restarted and every annotation reaches the
+bucket exactly once. Run on SQLite (one file, WAL) and on PostgreSQL.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,7 +116,7 @@ class Processes:
 def cluster(tmp_path: Path, emulator: Emulator, registry_url: str) -> Iterator[Callable[..., Processes]]:
     made: list[Processes] = []
 
-    def make(**sync: Any) -> Processes:
+    def make(sections: dict[str, dict[str, Any]] | None = None, **sync: Any) -> Processes:
         settings = {"worker": False, "poll_interval": 0.1, "heartbeat_interval": 0.2, "stale_after": 1.0, **sync}
         lines = [
             "[registry]",
@@ -121,6 +126,8 @@ def cluster(tmp_path: Path, emulator: Emulator, registry_url: str) -> Iterator[C
             "[sync]",
             *(f"{key} = {json.dumps(value)}" for key, value in settings.items()),
         ]
+        for name, values in (sections or {}).items():
+            lines += [f"[{name}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
         config = tmp_path / "gateway.toml"
         config.write_text("\n".join(lines) + "\n")
         env = {
@@ -248,3 +255,121 @@ def test_a_worker_killed_mid_sync_is_replaced_and_no_task_is_duplicated(cluster,
     assert again["status"] == "completed"
     assert (again["meta"]["created"], again["meta"]["updated"], again["meta"]["removed"]) == (0, 0, 0)
     assert again["meta"]["listed"] == count
+
+
+class UploadGate:
+    """A forwarding proxy between the gateway's processes and the emulator that holds object
+    uploads while `holding` is set (they are never forwarded: the uploading process dies first)
+    and counts the uploads it did forward, per object name."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.upstream = emulator.url.rstrip("/")
+        self.holding = threading.Event()
+        self.held = threading.Event()  # an upload is being held now
+        self.forwarded: Counter[str] = Counter()
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+            def handle_one(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upload = self.command == "POST" and self.path.startswith("/upload/")
+                if upload and gate.holding.is_set():
+                    gate.held.set()
+                    threading.Event().wait(30)  # until the test ends; the client is killed meanwhile
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                request = urllib.request.Request(
+                    gate.upstream + self.path, data=body or None, method=self.command, headers=headers
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as answer:
+                        status, answer_headers, data = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as exc:
+                    status, answer_headers, data = exc.code, exc.headers, exc.read()
+                if upload and status in (200, 201):
+                    name = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)["name"][0]
+                    gate.forwarded[name] += 1
+                self.send_response(status)
+                for name, value in answer_headers.items():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = handle_one
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_worker_killed_mid_upload_is_restarted_and_every_annotation_lands_once(cluster, emulator: Emulator) -> None:
+    gate = UploadGate(emulator)
+    try:
+        bucket = f"export-{uuid.uuid4().hex[:12]}"
+        emulator.create_bucket(bucket)
+        hook_secret = "process-test-webhook-secret"
+        processes = cluster(
+            {
+                "webhooks": {"secret": hook_secret},
+                "export": {
+                    "worker": False,
+                    "poll_interval": 0.05,
+                    "lease_seconds": 2.0,
+                    "retry_base": 0.1,
+                    "retry_max": 0.5,
+                },
+            }
+        )
+        processes.env["STORAGE_EMULATOR_HOST"] = gate.host
+        api = processes.serve("replica")
+        status, target = call(
+            api, "POST", "/api/storages/export/gcs", {"project": PROJECT, "bucket": bucket, "prefix": "ann"}
+        )
+        assert status == 201, target
+        ids = list(range(9001, 9021))
+        payload = {
+            "action": "ANNOTATIONS_CREATED",
+            "project": {"id": PROJECT},
+            "annotation": [{"id": a, "task": 90, "result": [{"value": {"choices": [str(a)]}}]} for a in ids],
+            "task": [{"id": 90, "data": {"image": "gs://media/90.jpg"}}],
+        }
+        hook = {"X-Gateway-Webhook-Secret": hook_secret, "Content-Type": "application/json"}
+        status, answer = call(api, "POST", "/api/webhooks/label-studio", payload, headers=hook)
+        assert status == 200 and answer["count"] == len(ids), answer
+
+        gate.holding.set()
+        doomed = processes.start("worker", name="doomed-exporter")
+        assert gate.held.wait(30), "the worker never started an upload"
+        os.killpg(doomed.pid, signal.SIGKILL)  # mid-upload: its leases stay until they expire
+        doomed.wait()
+        assert not gate.forwarded  # nothing reached the bucket yet
+        status, before = call(api, "GET", f"/api/storages/export/gcs/{target['id']}")
+        assert before["meta"]["pending"] == len(ids) and before["status"] == "in_progress", before
+
+        gate.holding.clear()
+        processes.start("worker", name="restarted-exporter")
+
+        def completed() -> bool:
+            status, body = call(api, "GET", f"/api/storages/export/gcs/{target['id']}")
+            return status == 200 and body["status"] == "completed"
+
+        wait_until(completed, 60, "every annotation to be exported")
+        done = call(api, "GET", f"/api/storages/export/gcs/{target['id']}")[1]
+        assert done["meta"]["delivered"] == len(ids) and done["meta"]["pending"] == 0
+        keys = {f"ann/{a}" for a in ids}
+        assert set(gate.forwarded) == keys and set(gate.forwarded.values()) == {1}  # each exactly once
+        for a in ids:
+            blob = urllib.request.urlopen(f"{emulator.url}/storage/v1/b/{bucket}/o/ann%2F{a}?alt=media").read()
+            assert json.loads(blob)["result"][0]["value"]["choices"] == [str(a)]
+    finally:
+        gate.close()
