@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway import metrics
 from gateway.app import create_app
@@ -32,8 +33,9 @@ from gateway.registry.outbox import Outbox
 from gateway.registry.sql import SqlTaskRegistry
 from gateway.state import CATALOG, EXPORT_WORKER, REGISTRY, SETTINGS
 
-from .conftest import build_settings, make_token
+from .conftest import build_settings, free_port, make_token
 from .test_api_openapi import check_answer
+from .test_faults import FaultProxy
 
 LS_PROJECT = 3  # Label Studio's project id, mapped to the gateway project below
 GATEWAY_PROJECT = "cats"
@@ -307,6 +309,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
         webhooks: dict[str, Any] | None = None,
         export: dict[str, Any] | None = None,
         workers: bool = True,
+        gcs_host: str | None = None,
     ) -> World:
         bucket = f"export-{uuid.uuid4().hex[:12]}"
         target_id = f"t-{uuid.uuid4().hex[:8]}"
@@ -338,6 +341,8 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             export={"poll_interval": 0.05, "retry_base": 0.02, "retry_max": 0.2, **(export or {})},
             export_storages=[target],
         )
+        if gcs_host is not None:  # e.g. a port where GCS is not (yet) listening
+            monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
         client = await aiohttp_client(create_app(settings, workers=workers))
         return World(client, kind, bucket, target_id, "annotations/", registry_url, emulator.url, root, http, tmp_path)
 
@@ -626,6 +631,40 @@ async def test_gcs_failing_then_recovering_delivers_every_annotation_once(export
         obj, content_type = await world.read(a)
         assert obj["id"] == a and content_type == "application/json"
     assert await world.keys() == sorted(world.key(a) for a in ids)
+
+
+async def test_gcs_unreachable_then_back_delivers_every_annotation_once_in_order(export_world):
+    """Nothing listens where GCS should be (connections refused) while events arrive, updates and
+    a delete among them; then GCS comes up there: each annotation's final state lands once."""
+    port = free_port()
+    world = await export_world(gcs_host=f"127.0.0.1:{port}")
+    counting = GatedBackend(world.app[CATALOG].targets.backends[world.target], gate=False)
+    world.app[CATALOG].targets.backends[world.target] = counting
+    ids = list(range(1151, 1156))
+    await world.post(bulk([(a, 115) for a in ids], label="v1"))
+    await world.post(updated(1151, 115, "v2"))
+    await world.post(updated(1151, 115, "v3"))
+    await world.post(deleted(1153))
+
+    async def all_failing() -> Any:
+        status = await world.status()
+        return status if status["failing"] == len(ids) else None
+
+    status = await eventually(all_failing, "every delivery to fail against the missing GCS")
+    assert status["pending"] == len(ids) and status["last_error"]
+    assert (await world.client.get("/readyz")).status == 200  # the outbox is the buffer
+
+    proxy = FaultProxy(export_world.emulator.url)  # forwards everything: GCS is back on that port
+    runner = web.AppRunner(proxy.app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await world.drained()
+    finally:
+        await runner.cleanup()
+    assert await world.keys() == sorted(world.key(a) for a in ids if a != 1153)
+    assert counting.uploads == {world.key(a): 1 for a in ids if a != 1153}  # exactly once, the final state
+    assert (await world.read(1151))[0]["result"][0]["value"]["choices"] == ["v3"]
 
 
 async def _bigger(value: Callable[[], float], than: float) -> bool:

@@ -81,14 +81,17 @@ class FaultProxy:
         fault = self.script.pop(0) if self.script else self.otherwise
         return await fault(request)
 
-    def _upstream_request(self, request: web.Request):  # type: ignore[no-untyped-def]
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "accept-encoding")}
+    async def _upstream_request(self, request: web.Request):  # type: ignore[no-untyped-def]
+        """The same request to the emulator, body included (uploads)."""
+        kept = ("range", "accept-encoding", "content-type")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in kept}
         url = URL(self.upstream + str(request.rel_url), encoded=True)
-        return self.session.request(request.method, url, headers=headers)
+        body = await request.read() if request.can_read_body else None
+        return self.session.request(request.method, url, headers=headers, data=body)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Relay the emulator's answer chunk by chunk, with backpressure from the gateway."""
-        async with self._upstream_request(request) as upstream:
+        async with await self._upstream_request(request) as upstream:
             response = web.StreamResponse(status=upstream.status, headers=_end_to_end(upstream.headers))
             if "Content-Length" in upstream.headers:
                 response.content_length = int(upstream.headers["Content-Length"])
@@ -103,7 +106,7 @@ class FaultProxy:
             return response
 
     async def _real(self, request: web.Request) -> tuple[int, CIMultiDict[str], bytes]:
-        async with self._upstream_request(request) as upstream:
+        async with await self._upstream_request(request) as upstream:
             return upstream.status, _end_to_end(upstream.headers), await upstream.read()
 
     @staticmethod
