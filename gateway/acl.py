@@ -211,8 +211,15 @@ def storage_for_task(
     """
     if not claims.grants_task(task.id, task.project):
         raise forbidden("no_grant", f"the token does not grant task {task.id}")
-    if str(uri) not in task.uris:
-        raise forbidden("not_referenced", f"task {task.id} does not reference this object")
+    return storage_for_reference(task.id, task.uris, uri, storages)
+
+
+def storage_for_reference(
+    task_id: int, referenced: frozenset[str], uri: GsUri, storages: tuple[StorageSettings, ...]
+) -> StorageSettings:
+    """The storage serving `uri` for a task that may be read and references `referenced`."""
+    if str(uri) not in referenced:
+        raise forbidden("not_referenced", f"task {task_id} does not reference this object")
     candidates = [s for s in storages if s.bucket == uri.bucket]
     if not candidates:
         raise forbidden("bucket_not_configured", "the object's bucket is not a storage of the task's project")
@@ -225,6 +232,11 @@ def storage_for_project(
 ) -> StorageSettings:
     if not claims.grants_project(project):
         raise forbidden("no_grant", f"the token does not grant project {project}")
+    return storage_inside(uri, storages)
+
+
+def storage_inside(uri: GsUri, storages: tuple[StorageSettings, ...]) -> StorageSettings:
+    """The storage (of a project the caller may read) whose bucket and prefix hold `uri`."""
     holding = [s for s in storages if s.holds(uri.bucket, uri.key)]
     if not holding:
         raise forbidden("outside_storage", "the object is not inside a storage of this project")

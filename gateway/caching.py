@@ -33,11 +33,15 @@ class ExpiringCache(Generic[K, V]):  # Python 3.11: no PEP 695 syntax yet
         return item[1]
 
     def __setitem__(self, key: K, value: V) -> None:
+        self.store(key, value, self._ttl)
+
+    def store(self, key: K, value: V, ttl: float) -> None:
+        """Keep `value` for `ttl` seconds instead of the cache's own lifetime."""
         data = self._data
         data.pop(key, None)
         if len(data) >= self._maxsize:
             del data[next(iter(data))]
-        data[key] = (self._clock() + self._ttl, value)
+        data[key] = (self._clock() + ttl, value)
 
     def pop(self, key: K) -> None:
         self._data.pop(key, None)

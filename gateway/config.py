@@ -199,6 +199,18 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class LabelStudioSettings:
+    """The `label_studio` authenticator: Label Studio's own credentials on its resolve URLs."""
+
+    url: str | None = None  # Label Studio's base URL as the gateway reaches it; unset: off
+    timeout: float = 5.0  # seconds for one access check; Label Studio slower than this → 503
+    cache_ttl: float = 30.0  # seconds a granted (credential, task) decision is kept
+    negative_cache_ttl: float = 5.0  # seconds a refusal is kept
+    cache_size: int = 10000
+    session_cookie: str = "sessionid"  # Label Studio's SESSION_COOKIE_NAME
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
@@ -209,6 +221,7 @@ class Settings:
     sync: SyncSettings = SyncSettings()
     webhooks: WebhookSettings = WebhookSettings()
     export: ExportSettings = ExportSettings()
+    label_studio: LabelStudioSettings = LabelStudioSettings()
     storages: tuple[StorageSettings, ...] = ()
     export_storages: tuple[ExportStorageSettings, ...] = ()
     source: str = "<defaults>"
@@ -227,6 +240,7 @@ _SECTIONS = {
     "sync": SyncSettings,
     "webhooks": WebhookSettings,
     "export": ExportSettings,
+    "label_studio": LabelStudioSettings,
 }
 
 
@@ -502,6 +516,9 @@ def validate(settings: Settings) -> None:
         ("[sync].batch_size", settings.sync.batch_size, 1),
         ("[export].batch", settings.export.batch, 1),
         ("[export].concurrency", settings.export.concurrency, 1),
+        ("[label_studio].cache_size", settings.label_studio.cache_size, 1),
+        ("[label_studio].cache_ttl", settings.label_studio.cache_ttl, 0),
+        ("[label_studio].negative_cache_ttl", settings.label_studio.negative_cache_ttl, 0),
     ):
         if value < minimum:
             raise ConfigError(f"{where}: expected {minimum} or more, got {value}")
@@ -516,6 +533,7 @@ def validate(settings: Settings) -> None:
         ("[export].poll_interval", settings.export.poll_interval),
         ("[export].lease_seconds", settings.export.lease_seconds),
         ("[export].retry_base", settings.export.retry_base),
+        ("[label_studio].timeout", settings.label_studio.timeout),
     ):
         if seconds <= 0:
             raise ConfigError(f"{where}: expected more than 0 seconds, got {seconds}")
@@ -543,6 +561,11 @@ def validate(settings: Settings) -> None:
     for name in ("secret", "hmac_secret"):
         if len(getattr(settings.webhooks, name) or "x" * 16) < 16:
             raise ConfigError(f"[webhooks].{name}: use at least 16 characters")
+    ls_url = settings.label_studio.url
+    if ls_url is not None and not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", ls_url):
+        raise ConfigError(f"[label_studio].url: {ls_url!r} is not an http(s) base URL like http://label-studio:8080")
+    if not settings.label_studio.session_cookie:
+        raise ConfigError("[label_studio].session_cookie: must not be empty")
     seen_targets: set[str] = set()
     for t in settings.export_storages:
         if t.id in seen_targets:

@@ -78,6 +78,9 @@ EXPORT_OLDEST = Gauge(
     ["target"],
     multiprocess_mode="mostrecent",
 )
+LABEL_STUDIO_CHECKS = Counter(
+    "gateway_label_studio_checks_total", "Access decisions of the label_studio authenticator", ["result"]
+)  # result: cached, allowed, denied, unavailable
 WEBHOOK_EVENTS = Counter("gateway_webhook_events_total", "Annotation events received", ["source", "action"])
 
 METADATA_HIT = METADATA_CACHE.labels("hit")

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import metrics
-from .acl import Claims, TaskCache, TokenVerifier, storage_for_project, storage_for_task, token_from
+from .acl import (
+    Claims,
+    TaskCache,
+    TokenVerifier,
+    storage_for_project,
+    storage_for_reference,
+    storage_for_task,
+    storage_inside,
+    token_from,
+)
 from .caching import ExpiringCache
 from .catalog import StorageCatalog
 from .config import Settings, StorageSettings
@@ -32,6 +41,7 @@ from .httpsem import (
     parse_range,
     plan_response,
 )
+from .labelstudio import Credential, LabelStudioAuthority, credential_from
 from .signer import SignedUrlCache, SigningError, sign_url
 from .state import ERROR, MODE, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader, storage_endpoint
@@ -78,6 +88,9 @@ class MediaHandler:
         self._signed_endpoint = storage_endpoint(dict(os.environ))
         self._verifier = verifier
         self._tasks = tasks
+        self._label_studio = (
+            LabelStudioAuthority(settings.label_studio, lambda: catalog.session) if settings.label_studio.url else None
+        )
         media = settings.media
         self._entries: ExpiringCache[tuple[str, str], _Entry] = ExpiringCache(
             media.metadata_cache_size, media.metadata_ttl
@@ -86,10 +99,16 @@ class MediaHandler:
         self._cache_control = f"private, max-age={media.cache_control_max_age}"
 
     async def task_resolve(self, request: web.Request) -> web.StreamResponse:
-        claims = await self._claims(request)
-        uri = parse_fileuri(request.query.get("fileuri"))
         task_id = int(request.match_info["task_id"])
         request[TASK] = task_id
+        credential = self._label_studio_credential(request)
+        if credential is not None:  # the label_studio authenticator: Label Studio decides
+            uri = parse_fileuri(request.query.get("fileuri"))
+            grant = await self._label_studio.task(credential, task_id)  # type: ignore[union-attr]
+            storages = self._catalog.storages_of(grant.project)
+            return await self._serve(request, storage_for_reference(task_id, grant.uris, uri, storages), uri)
+        claims = await self._claims(request)
+        uri = parse_fileuri(request.query.get("fileuri"))
         if not claims.may_grant_task(task_id):
             raise forbidden("no_grant", f"the token does not grant task {task_id}")
         task = await self._tasks.get(task_id)
@@ -99,11 +118,26 @@ class MediaHandler:
         return await self._serve(request, storage, uri)
 
     async def project_resolve(self, request: web.Request) -> web.StreamResponse:
+        project = request.match_info["project_id"]
+        credential = self._label_studio_credential(request)
+        if credential is not None:
+            uri = parse_fileuri(request.query.get("fileuri"))
+            await self._label_studio.project(credential, project)  # type: ignore[union-attr]
+            return await self._serve(request, storage_inside(uri, self._catalog.storages_of(project)), uri)
         claims = await self._claims(request)
         uri = parse_fileuri(request.query.get("fileuri"))
-        project = request.match_info["project_id"]
         storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
         return await self._serve(request, storage, uri)
+
+    def _label_studio_credential(self, request: web.Request) -> Credential | None:
+        """Label Studio's credential when the authenticator is on and the request carries one."""
+        if self._label_studio is None:
+            return None
+        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
+        credential = credential_from(request, self._settings.label_studio, token)
+        if credential is not None:
+            request[SUB] = "label-studio-user"  # the access log never shows the credential
+        return credential
 
     async def _claims(self, request: web.Request) -> Claims:
         token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
