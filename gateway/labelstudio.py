@@ -2,7 +2,7 @@
 
 Label Studio's front end and API send a session cookie, `Authorization: Token …` or one of its
 JWT access tokens. For a media request carrying one, the gateway asks Label Studio, as that
-user, for the task (`GET /api/tasks/{id}/`) or project (`GET /api/projects/{id}/`): a 200
+user, for the task (`GET /api/tasks/{id}/?resolve_uri=false`) or project (`GET /api/projects/{id}/`): a 200
 grants access, and for a task the requested `gs://` URI must also appear in the task data that
 came back — stricter than Label Studio's own proxy, which serves any object of a connected
 bucket through any task. Decisions are kept per credential (by hash) and task for `cache_ttl`
@@ -149,7 +149,8 @@ class LabelStudioAuthority:
         return decision
 
     async def _ask(self, credential: Credential, kind: str, ident: str) -> Grant | Refused:
-        path = f"/api/tasks/{ident}/" if kind == "task" else f"/api/projects/{ident}/"
+        # resolve_uri=false: the task data as stored (gs:// URIs), without Label Studio's storage lookups.
+        path = f"/api/tasks/{ident}/?resolve_uri=false" if kind == "task" else f"/api/projects/{ident}/"
         key = (credential.digest, kind, ident)
         try:
             status, body = await self._get(path, credential)
