@@ -30,8 +30,9 @@ from gateway.errors import Refused
 from gateway.netguard import AddressSet, StreamLimiter, client_address, forwarded_for, parse_node, x_forwarded_for
 from gateway.state import LIMITER, REGISTRY
 
-from .conftest import PROJECT, SECRET, MediaWorld, build_settings, sample_objects, seed
+from .conftest import PROJECT, SECRET, MediaWorld, build_settings, sample_objects, seed, wait_until
 from .test_faults import FaultProxy
+from .test_processes import metric, parse_metrics, start_gateway  # noqa: F401 (the `gateway serve` fixture)
 
 SAFETY = 10.0  # a bounded wait; a healthy gateway settles every case long before
 
@@ -478,7 +479,8 @@ async def test_stream_cap_sheds_with_503_and_recovers(held_gateway: Held):
     shed = sample("gateway_shed_requests_total", reason="process_streams")
     first, second = await rig.get("alice"), await rig.get("bob")
     assert (first.status, second.status) == (200, 200)  # headers are out; both bodies wait at the gate
-    assert rig.active == 2 and rig.gate.waiting == 2
+    assert rig.active == 2  # slots are taken before the upstream request, so held once headers arrived
+    await eventually(lambda: rig.gate.waiting == 2, "both downloads to wait at the gate")
 
     third = await rig.get("carol")
     assert third.headers["Retry-After"] == "3"
@@ -660,3 +662,42 @@ def test_ip_filter_config_refuses_bad_input_in_one_line(capsys, argv, message):
     assert code == 2
     assert err.startswith("gateway: ") and message in err
     assert err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- end to end: a real `gateway serve`
+
+
+def test_serve_process_behind_a_trusted_proxy(start_gateway, emulator):  # noqa: F811
+    """The real command, configured from the environment, over TCP: allowlist, chain, log, metrics."""
+    bucket = f"net-proc-{uuid.uuid4().hex[:8]}"
+    emulator.create_bucket(bucket)
+    data = b"inside the boundary" * 100
+    emulator.upload(bucket, "video/a.bin", data, "application/octet-stream")
+    env = {"GATEWAY_NETWORK_TRUSTED_PROXIES": "127.0.0.1", "GATEWAY_NETWORK_CLIENT_ALLOWLIST": "192.0.2.0/24"}
+    gateway = start_gateway(bucket, ["video/a.bin"], env=env)
+    path, auth = gateway.path("video/a.bin"), gateway.auth()
+
+    status, _, body = gateway.request(path, {**auth, "X-Forwarded-For": "192.0.2.5"})
+    assert (status, body) == (200, data)
+    status, _, body = gateway.request(path, auth)  # the proxy's own request: 127.0.0.1 is not allowed
+    assert status == 403 and json.loads(body)["error"] == "ip_not_allowed"
+    status, _, body = gateway.request(path, {"Authorization": "Bearer x", "X-Forwarded-For": "192.0.2.5, 198.51.100.1"})
+    assert status == 403 and json.loads(body)["message"] == "client address 198.51.100.1 is not allowed"
+
+    status, _, body = gateway.request("/metrics", {"X-Forwarded-For": "192.0.2.9"})
+    assert status == 200
+    assert metric(parse_metrics(body.decode()), "gateway_auth_failures_total", reason="ip_not_allowed") == 2
+    assert metric(parse_metrics(body.decode()), "gateway_auth_failures_total", reason="invalid_token") == 0
+
+    def logged() -> list[dict[str, Any]]:
+        lines = (gateway.directory / "stdout.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    route = path.partition("?")[0]  # the access log never holds the query string
+    wait_until(lambda: len([line for line in logged() if line["path"] == route]) == 3, what="three access log lines")
+    media = [(line["status"], line["remote"], line["peer"]) for line in logged() if line["path"] == route]
+    assert media == [
+        (200, "192.0.2.5", "127.0.0.1"),
+        (403, "127.0.0.1", "127.0.0.1"),
+        (403, "198.51.100.1", "127.0.0.1"),
+    ]
