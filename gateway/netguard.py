@@ -42,12 +42,15 @@ class AddressSet:
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.networks = tuple(parse_network(c) for c in cidrs)
+        # (version, first, last) as integers: a few comparisons instead of ipaddress's __contains__
+        self._ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in self.networks)
 
     def __bool__(self) -> bool:
-        return bool(self.networks)
+        return bool(self._ranges)
 
-    def __contains__(self, ip: object) -> bool:
-        return any(ip in network for network in self.networks)
+    def __contains__(self, ip: IPAddress) -> bool:
+        version, value = ip.version, int(ip)
+        return any(v == version and first <= value <= last for v, first, last in self._ranges)
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)
@@ -56,6 +59,7 @@ class AddressSet:
         return AddressSet(cidrs)
 
 
+@functools.lru_cache(maxsize=4096)  # peers and proxy hops repeat; parsing an address costs microseconds
 def parse_node(text: str) -> IPAddress | None:
     """An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`.
 
