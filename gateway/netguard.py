@@ -31,19 +31,16 @@ from .errors import Refused
 IPAddress = IPv4Address | IPv6Address
 
 _PORT = re.compile(r":\d{1,5}")
-
-
-def unmapped(ip: IPAddress) -> IPAddress:
-    return (ip.ipv4_mapped or ip) if isinstance(ip, IPv6Address) else ip
+_LONGEST_NODE = 100  # '"[IPv6 with an embedded IPv4 and a zone]:port"' fits; longer text is garbage
 
 
 class AddressSet:
     """A set of networks; empty means "no rule" (callers decide what that allows)."""
 
     def __init__(self, cidrs: Iterable[str]) -> None:
-        self.networks = tuple(parse_network(c) for c in cidrs)
+        networks = [parse_network(c) for c in cidrs]
         # (version, first, last) as integers: a few comparisons instead of ipaddress's __contains__
-        self._ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in self.networks)
+        self._ranges = tuple((n.version, int(n.network_address), int(n.broadcast_address)) for n in networks)
 
     def __bool__(self) -> bool:
         return bool(self._ranges)
@@ -59,12 +56,17 @@ class AddressSet:
         return AddressSet(cidrs)
 
 
-@functools.lru_cache(maxsize=4096)  # peers and proxy hops repeat; parsing an address costs microseconds
 def parse_node(text: str) -> IPAddress | None:
     """An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`, `[2001:db8::1]:443`.
 
-    None for anything else (`unknown`, RFC 7239 obfuscated `_hidden`, garbage).
+    None for anything else (`unknown`, RFC 7239 obfuscated `_hidden`, garbage). IPv4-mapped IPv6
+    addresses come back as IPv4.
     """
+    return None if len(text) > _LONGEST_NODE else _parse_node(text)
+
+
+@functools.lru_cache(maxsize=4096)  # peers and proxy hops repeat; parsing an address costs microseconds
+def _parse_node(text: str) -> IPAddress | None:
     text = text.strip()
     if text.startswith('"') and text.endswith('"') and len(text) >= 2:
         text = text[1:-1]
@@ -79,9 +81,10 @@ def parse_node(text: str) -> IPAddress | None:
     else:
         host = text
     try:
-        return unmapped(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, IPv6Address) else ip
 
 
 def _split_outside_quotes(text: str, separator: str) -> list[str]:
@@ -128,7 +131,6 @@ _CHAINS: dict[str, Callable[[Iterable[str]], list[str]]] = {
     "x-forwarded-for": x_forwarded_for,
     "forwarded": forwarded_for,
 }
-FORWARDED_HEADERS = frozenset(_CHAINS)
 
 
 def client_address(peer: str | None, hops: list[str], trusted: AddressSet) -> IPAddress | None:

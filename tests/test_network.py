@@ -73,6 +73,7 @@ def sample(name: str, **labels: str) -> float:
         ("01.2.3.4", None),
         ("203.0.113.300", None),
         ("evil.example", None),
+        ("1" * 200, None),  # never parsed (nor cached)
     ],
 )
 def test_parse_node(text, expected):
