@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY as PROMETHEUS
 
 from gateway.app import create_app
@@ -32,6 +33,7 @@ from gateway.state import LIMITER, REGISTRY
 
 from .conftest import PROJECT, SECRET, MediaWorld, build_settings, sample_objects, seed, wait_until
 from .test_faults import FaultProxy
+from .test_presign import service_account_json
 from .test_processes import metric, parse_metrics, start_gateway  # noqa: F401 (the `gateway serve` fixture)
 
 SAFETY = 10.0  # a bounded wait; a healthy gateway settles every case long before
@@ -668,6 +670,7 @@ def test_ip_filter_config_refuses_bad_input_in_one_line(capsys, argv, message):
 # ---------------------------------------------------------------- end to end: a real `gateway serve`
 
 
+@pytest.mark.slow
 def test_serve_process_behind_a_trusted_proxy(start_gateway, emulator):  # noqa: F811
     """The real command, configured from the environment, over TCP: allowlist, chain, log, metrics."""
     bucket = f"net-proc-{uuid.uuid4().hex[:8]}"
@@ -702,3 +705,29 @@ def test_serve_process_behind_a_trusted_proxy(start_gateway, emulator):  # noqa:
         (403, "127.0.0.1", "127.0.0.1"),
         (403, "198.51.100.1", "127.0.0.1"),
     ]
+
+
+async def test_presign_redirects_hold_no_stream_slot_but_pass_the_storage_allowlist(
+    tmp_path, emulator, aiohttp_client, monkeypatch
+):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    bucket = f"net-signed-{uuid.uuid4().hex[:8]}"
+    objects = [o for o in sample_objects() if o.key == KEY]
+    signed = seed("gcs", bucket, objects, tmp_path, emulator)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signed.update(presign=True, google_application_credentials=service_account_json(key))
+    signed["client_allowlist"] = ["192.0.2.0/24"]
+    settings = build_settings([signed], tmp_path, limits={"max_streams": 1}, network={"trusted_proxies": ["127.0.0.1"]})
+    app = create_app(settings)
+    (task,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": {"video": f"gs://{bucket}/{KEY}"}}])
+    world = MediaWorld("gcs", bucket, {o.key: o for o in objects}, settings, task_a=task)
+    client = await aiohttp_client(app)
+    signing = sample("gateway_signed_urls_total", method="local")
+    with app[LIMITER].slot("someone else"):  # the process is at its cap
+        inside = {**world.auth(), "X-Forwarded-For": "192.0.2.5"}
+        redirect = await client.get(world.url(KEY), headers=inside, allow_redirects=False)
+        assert redirect.status == 303 and "X-Goog-Signature=" in redirect.headers["Location"]
+        outside = {**world.auth(), "X-Forwarded-For": "198.51.100.1"}
+        refused = await client.get(world.url(KEY), headers=outside, allow_redirects=False)
+        await refusal(refused, 403, "ip_not_allowed_for_storage")
+    assert sample("gateway_signed_urls_total", method="local") - signing == 1  # nothing signed for the refused
