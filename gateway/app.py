@@ -22,13 +22,17 @@ from .catalog import StorageCatalog
 from .config import Settings
 from .cors import add_cors
 from .errors import Refused
+from .netguard import ClientGuard, StreamLimiter
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, open_registry
 from .registry.sql import SqlTaskRegistry
 from .state import (
     CATALOG,
+    CLIENT,
     ERROR,
     EXPORT_WORKER,
+    GUARD,
+    LIMITER,
     MODE,
     READINESS,
     REGISTRY,
@@ -50,6 +54,7 @@ access_log = logging.getLogger("gateway.access")
 
 
 MEDIA_ROUTES = frozenset({"task_resolve", "project_resolve"})
+PROBE_ROUTES = frozenset({"healthz", "readyz"})  # load balancer probes: never behind the client allowlist
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _BEARER_REALM = 'Bearer realm="media-gateway"'
 
@@ -72,6 +77,8 @@ def create_app(
     app[REGISTRY] = registry or open_registry(settings.registry.url)
     app[VERIFIER] = TokenVerifier(settings.auth)
     app[READINESS] = {}
+    app[GUARD] = ClientGuard(settings.network)
+    app[LIMITER] = StreamLimiter(settings.limits)
     app[CATALOG] = StorageCatalog(settings, app[REGISTRY], Vault(settings.registry.encryption_keys))
     app[TASKS] = TaskCache(app[REGISTRY], settings.registry)
     app[SYNC_WORKER] = None
@@ -80,7 +87,7 @@ def create_app(
     if workers:
         app.cleanup_ctx.append(_workers_context)
 
-    media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG])
+    media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
     for name, path, handler in (
         ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
@@ -162,23 +169,29 @@ def json_error(
 async def gateway_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Request id and start time; every refusal and failure becomes JSON with a precise status.
+    """Request id, start time and client address; the client allowlist, before any token work;
+    every refusal and failure becomes JSON with a precise status.
 
-    One middleware rather than two: each aiohttp middleware layer costs a few microseconds on
+    One middleware rather than several: each aiohttp middleware layer costs a few microseconds on
     every request of the hot path.
     """
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex()
     request[STARTED] = time.perf_counter()
     try:
+        guard = request.app.get(GUARD)
+        if guard is not None:
+            request[CLIENT] = client = guard.client(request.remote, request.headers)
+            if guard.allowed and route_name(request) not in PROBE_ROUTES:
+                guard.admit(client)
         return await handler(request)
     except Refused as exc:
         request[ERROR] = exc.reason
-        headers = None
+        headers = dict(exc.headers or {})
         if exc.status in (401, 403):
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
         if exc.status == 401:
-            headers = {"WWW-Authenticate": _challenge(exc)}
+            headers["WWW-Authenticate"] = _challenge(exc)
         return json_error(exc.status, exc.reason, exc.message, headers, exc.details)
     except BadFileUri as exc:
         request[ERROR] = "bad_fileuri"
@@ -219,7 +232,8 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Registry and every config-file storage reachable; kept a few seconds so probes stay cheap."""
+    """Registry and every config-file storage reachable (kept a few seconds so probes stay cheap),
+    and this process not shedding load (checked live)."""
     cache = request.app[READINESS]
     now = time.monotonic()
     if cache.get("until", 0) < now:
@@ -239,7 +253,8 @@ async def readyz(request: web.Request) -> web.Response:
                 log.warning("readiness: storage %s: %s", storage_id, exc)
                 checks[f"storage:{storage_id}"] = f"error: {getattr(exc, 'reason', type(exc).__name__)}"
         cache.update(checks=checks, until=now + 5)
-    checks = cache["checks"]
+    shedding = request.app[LIMITER].shedding()
+    checks = {**cache["checks"], "streams": "ok" if shedding is None else f"shedding: {shedding}"}
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503
@@ -294,8 +309,13 @@ class RequestRecorder(AbstractAccessLogger):
                         "sub": request.get(SUB),
                         "task": request.get(TASK),
                         "error": request.get(ERROR),
-                        "remote": request.remote,
+                        "remote": _text(request.get(CLIENT, request.remote)),  # behind trusted proxies: the client
+                        "peer": request.remote,
                     },
                     separators=(",", ":"),
                 )
             )
+
+
+def _text(address: object) -> str | None:
+    return None if address is None else str(address)

@@ -1,4 +1,4 @@
-"""`gateway serve | worker | sync | token | check-config | import | demo | cors-config`.
+"""`gateway serve | worker | sync | token | check-config | import | demo | cors-config | ip-filter-config`.
 
 Heavy imports happen inside the commands: `serve` must point PROMETHEUS_MULTIPROC_DIR at its
 directory before prometheus_client is first imported, and `token` should start instantly.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Settings, load_settings, validate
+from .config import ConfigError, Settings, cidr_problem, load_settings, validate
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -82,6 +83,26 @@ def _parser() -> argparse.ArgumentParser:
     cors = with_config(sub.add_parser("cors-config", help="print the bucket CORS JSON that presign storages need"))
     cors.add_argument("--origin", action="append", default=[], help="annotator page origin (default: [cors] origins)")
     cors.set_defaults(command=cmd_cors_config)
+
+    ip_filter = sub.add_parser(
+        "ip-filter-config", help="print the bucket IP-filter JSON that admits only the gateway's egress addresses"
+    )
+    ip_filter.add_argument("--cidr", action="append", default=[], help="public egress range (repeatable)")
+    ip_filter.add_argument(
+        "--vpc-network",
+        dest="vpc",
+        action=_Ordered,
+        help="projects/P/global/networks/N (repeatable; each followed by its --vpc-cidr ranges)",
+    )
+    ip_filter.add_argument("--vpc-cidr", dest="vpc", action=_Ordered, help="a range of the preceding --vpc-network")
+    ip_filter.add_argument("--mode", choices=("Enabled", "Disabled"), default="Enabled")
+    ip_filter.add_argument(
+        "--allow-service-agents", action="store_true", help="allowAllServiceAgentAccess: true (default false)"
+    )
+    ip_filter.add_argument(
+        "--allow-cross-org-vpcs", action="store_true", help="allowCrossOrgVpcs: true (default false)"
+    )
+    ip_filter.set_defaults(command=cmd_ip_filter_config, vpc=[])
 
     load = with_config(sub.add_parser("import", help="register Label Studio tasks from JSON/JSONL files"))
     load.add_argument("--project", required=True)
@@ -192,6 +213,81 @@ def cmd_cors_config(args: argparse.Namespace) -> int:
         if origin != "null" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise CliError(f"--origin: {origin!r} is not an origin like https://host[:port]")
     print(json.dumps(bucket_cors(origins), indent=2))
+    return 0
+
+
+class _Ordered(argparse.Action):
+    """Keeps --vpc-network and --vpc-cidr in command-line order, so ranges follow their network."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        getattr(namespace, self.dest).append((option_string, values))
+
+
+IP_FILTER_MAX_CIDRS = 200  # across the public source and every VPC source
+IP_FILTER_MAX_NETWORKS = 25
+_VPC_NETWORK = re.compile(r"projects/[a-z][-a-z0-9.:]{4,61}[a-z0-9]/global/networks/[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _cidr(text: str, flag: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=True))
+    except ValueError as exc:
+        raise CliError(f"{flag}: {cidr_problem(text, exc)}") from None
+
+
+def bucket_ip_filter(
+    cidrs: list[str],
+    vpc: list[tuple[str, str]],
+    *,
+    mode: str = "Enabled",
+    allow_service_agents: bool = False,
+    allow_cross_org_vpcs: bool = False,
+) -> dict[str, Any]:
+    """The `--ip-filter-file` document of `gcloud storage buckets update` (GCS bucket IP filtering).
+
+    `vpc` is the ordered list of ("--vpc-network", name) and ("--vpc-cidr", range) options.
+    """
+    document: dict[str, Any] = {"mode": mode}
+    if cidrs:
+        document["publicNetworkSource"] = {"allowedIpCidrRanges": [_cidr(c, "--cidr") for c in cidrs]}
+    networks: list[dict[str, Any]] = []
+    for option, value in vpc:
+        if option == "--vpc-network":
+            if not _VPC_NETWORK.fullmatch(value):
+                raise CliError(f"--vpc-network: {value!r} is not like projects/PROJECT_ID/global/networks/NETWORK")
+            if any(n["network"] == value for n in networks):
+                raise CliError(f"--vpc-network: {value!r} is given twice")
+            networks.append({"network": value, "allowedIpCidrRanges": []})
+        elif not networks:
+            raise CliError(f"--vpc-cidr: {value!r} comes before any --vpc-network it could belong to")
+        else:
+            networks[-1]["allowedIpCidrRanges"].append(_cidr(value, "--vpc-cidr"))
+    for network in networks:
+        if not network["allowedIpCidrRanges"]:
+            raise CliError(f"--vpc-network: {network['network']!r} needs --vpc-cidr ranges (0.0.0.0/0 for all of it)")
+    if networks:
+        document["vpcNetworkSources"] = networks
+    if len(networks) > IP_FILTER_MAX_NETWORKS:
+        raise CliError(f"--vpc-network: {len(networks)} networks; a bucket IP filter allows at most 25")
+    total = len(cidrs) + sum(len(n["allowedIpCidrRanges"]) for n in networks)
+    if total > IP_FILTER_MAX_CIDRS:
+        raise CliError(f"--cidr/--vpc-cidr: {total} ranges; a bucket IP filter allows at most 200 in all")
+    if mode == "Enabled" and total == 0:
+        raise CliError("--cidr: an enabled filter without --cidr or --vpc-network would refuse every request")
+    document["allowCrossOrgVpcs"] = allow_cross_org_vpcs
+    document["allowAllServiceAgentAccess"] = allow_service_agents
+    return document
+
+
+def cmd_ip_filter_config(args: argparse.Namespace) -> int:
+    document = bucket_ip_filter(
+        args.cidr,
+        args.vpc,
+        mode=args.mode,
+        allow_service_agents=args.allow_service_agents,
+        allow_cross_org_vpcs=args.allow_cross_org_vpcs,
+    )
+    print(json.dumps(document, indent=2))
     return 0
 
 

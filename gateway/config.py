@@ -8,6 +8,7 @@ offending key (`[auth].leeway: expected a number, got 'soon'`), so `gateway chec
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -118,6 +119,25 @@ class CorsSettings:
 
 
 @dataclass(frozen=True)
+class NetworkSettings:
+    """Who the client is and which clients may use the gateway (gateway/netguard.py)."""
+
+    client_allowlist: tuple[str, ...] = ()  # CIDRs allowed on every route but /healthz, /readyz; empty = any
+    trusted_proxies: tuple[str, ...] = ()  # peers whose forwarded header names the client
+    forwarded_header: str = "X-Forwarded-For"  # or "Forwarded" (RFC 7239); only this one is read
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Load shedding: concurrent media streams, refused beyond the caps (never queued)."""
+
+    max_streams: int = 1000  # per process; 0 = no cap
+    max_streams_per_subject: int = 0  # per token `sub`, per process; 0 = no cap
+    retry_after: int = 5  # seconds, in the Retry-After of 503/429 answers
+    not_ready_after_shedding: float = 10.0  # seconds /readyz stays 503 after the last refusal at the cap
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     id: str
     project: str
@@ -137,6 +157,7 @@ class StorageSettings:
     recursive_scan: bool = False
     data_key: str = "$undefined$"
     sync_interval: int = 0  # seconds between periodic syncs; 0 = only when asked
+    client_allowlist: tuple[str, ...] = ()  # CIDRs that may read this storage (besides [network]); empty = any
 
     @property
     def from_api(self) -> bool:
@@ -222,6 +243,8 @@ class Settings:
     webhooks: WebhookSettings = WebhookSettings()
     export: ExportSettings = ExportSettings()
     label_studio: LabelStudioSettings = LabelStudioSettings()
+    network: NetworkSettings = NetworkSettings()
+    limits: LimitSettings = LimitSettings()
     storages: tuple[StorageSettings, ...] = ()
     export_storages: tuple[ExportStorageSettings, ...] = ()
     source: str = "<defaults>"
@@ -241,6 +264,8 @@ _SECTIONS = {
     "webhooks": WebhookSettings,
     "export": ExportSettings,
     "label_studio": LabelStudioSettings,
+    "network": NetworkSettings,
+    "limits": LimitSettings,
 }
 
 
@@ -406,6 +431,7 @@ def _validate_storage(s: StorageSettings, where: str, base_dir: Path | None) -> 
         raise ConfigError(f"{where}.presign: signed URLs need type 'gcs'")
     if not 1 <= s.presign_ttl <= 10080:
         raise ConfigError(f"{where}.presign_ttl: minutes between 1 and 10080 (7 days), got {s.presign_ttl}")
+    check_cidrs(s.client_allowlist, f"{where}.client_allowlist")
     return _resolved_root(s, where, base_dir)
 
 
@@ -452,6 +478,36 @@ def _resolved_root(s: Any, where: str, base_dir: Path | None) -> Any:
 def normalize_prefix(prefix: str) -> str:
     """Label Studio's rule: a non-empty prefix names a folder, so it ends with '/'."""
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR (or one address) as a network; host bits must be zero (`10.1.2.3/8` is a typo).
+
+    IPv4-mapped IPv6 ranges (`::ffff:10.0.0.0/104`) become the IPv4 ones, as clients are compared
+    by their IPv4 address (gateway/netguard.py).
+    """
+    network = ipaddress.ip_network(text.strip(), strict=True)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and network.subnet_of(_IPV4_MAPPED):
+        return ipaddress.IPv4Network((int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96))
+    return network
+
+
+def check_cidrs(cidrs: tuple[str, ...], where: str) -> None:
+    """Every entry an IPv4 or IPv6 network (`10.0.0.0/8`, `2001:db8::/32`, or one address)."""
+    for cidr in cidrs:
+        try:
+            parse_network(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {cidr_problem(cidr, exc)}") from None
+
+
+def cidr_problem(cidr: str, exc: ValueError) -> str:
+    if "host bits set" in str(exc):
+        return f"{cidr!r} has host bits set (the network is {ipaddress.ip_network(cidr.strip(), strict=False)})"
+    return f"{cidr!r} is not an IP network like 10.0.0.0/8 or 2001:db8::/32"
 
 
 def check_import_fields(s: StorageSettings, where: str) -> None:
@@ -544,6 +600,21 @@ def validate(settings: Settings) -> None:
     for origin in settings.cors.origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")
+    network, limits = settings.network, settings.limits
+    check_cidrs(network.client_allowlist, "[network].client_allowlist")
+    check_cidrs(network.trusted_proxies, "[network].trusted_proxies")
+    if network.forwarded_header.lower() not in ("x-forwarded-for", "forwarded"):
+        raise ConfigError(
+            f"[network].forwarded_header: expected 'X-Forwarded-For' or 'Forwarded', got {network.forwarded_header!r}"
+        )
+    for where, value in (
+        ("[limits].max_streams", limits.max_streams),
+        ("[limits].max_streams_per_subject", limits.max_streams_per_subject),
+        ("[limits].retry_after", limits.retry_after),
+        ("[limits].not_ready_after_shedding", limits.not_ready_after_shedding),
+    ):
+        if value < 0:
+            raise ConfigError(f"{where}: expected 0 or more, got {value}")
     if settings.sync.stale_after <= settings.sync.heartbeat_interval * 2:
         raise ConfigError("[sync].stale_after: must exceed twice [sync].heartbeat_interval")
     if settings.sync.page_size > 1000:

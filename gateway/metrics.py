@@ -49,6 +49,9 @@ UPSTREAM_RETRIES = Counter("gateway_upstream_retries_total", "Upstream requests 
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures", ["backend", "kind"])
 METADATA_CACHE = Counter("gateway_metadata_cache_total", "Object metadata cache lookups", ["result"])
 AUTH_FAILURES = Counter("gateway_auth_failures_total", "Refused media requests", ["reason"])
+SHED = Counter(
+    "gateway_shed_requests_total", "Media requests refused by load shedding", ["reason"]
+)  # reason: process_streams (503), subject_streams (429)
 
 SIGNED_URLS = Counter("gateway_signed_urls_total", "V4 signed URLs issued", ["method"])
 SIGNED_URL_CACHE = Counter("gateway_signed_url_cache_total", "Signed-URL cache lookups", ["result"])

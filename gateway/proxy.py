@@ -42,8 +42,9 @@ from .httpsem import (
     plan_response,
 )
 from .labelstudio import Credential, LabelStudioAuthority, credential_from
+from .netguard import AddressSet, StreamLimiter, check_allowlist
 from .signer import SignedUrlCache, SigningError, sign_url
-from .state import ERROR, MODE, SUB, TASK
+from .state import CLIENT, ERROR, MODE, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader, storage_endpoint
 from .storage.base import ObjectNotFound, RangeNotSatisfiable, StorageError
 from .uris import GsUri, parse_fileuri
@@ -81,8 +82,10 @@ class MediaHandler:
         verifier: TokenVerifier,
         tasks: TaskCache,
         catalog: StorageCatalog,
+        limiter: StreamLimiter,
     ) -> None:
         self._settings = settings
+        self._limiter = limiter
         self._catalog = catalog
         self._signed = SignedUrlCache(settings.upstream.signed_url_cache_size)
         self._signed_endpoint = storage_endpoint(dict(os.environ))
@@ -136,7 +139,8 @@ class MediaHandler:
         token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
         credential = credential_from(request, self._settings.label_studio, token)
         if credential is not None:
-            request[SUB] = "label-studio-user"  # the access log never shows the credential
+            # A per-credential subject for logs and stream caps; never the credential itself.
+            request[SUB] = f"label-studio:{credential.digest[:16]}"
         return credential
 
     async def _claims(self, request: web.Request) -> Claims:
@@ -148,10 +152,24 @@ class MediaHandler:
         return claims
 
     async def _serve(self, request: web.Request, storage: StorageSettings, uri: GsUri) -> web.StreamResponse:
+        if storage.client_allowlist:
+            allowed = AddressSet.of(storage.client_allowlist)
+            check_allowlist(allowed, request.get(CLIENT), "ip_not_allowed_for_storage", f" for storage {storage.id}")
         backend = self._catalog.backend(storage)
         cache_key = (storage.id, uri.key)
         if storage.presign:
-            return await self._redirect(request, storage, uri, backend, cache_key)
+            return await self._redirect(request, storage, uri, backend, cache_key)  # no stream: never shed
+        if request.method == "HEAD":
+            return await self._answer(request, backend, cache_key, uri)
+        # A GET holds a stream slot from before its first upstream request until its body is sent
+        # or the client leaves (the `with` also releases on errors and cancellation).
+        with self._limiter.slot(request[SUB]):
+            return await self._answer(request, backend, cache_key, uri)
+
+    async def _answer(
+        self, request: web.Request, backend: Backend, cache_key: tuple[str, str], uri: GsUri
+    ) -> web.StreamResponse:
+        """Metadata → RFC 9110 plan → bodiless answer, HEAD, or streamed bytes."""
         headers = request.headers
         entry = self._entries.get(cache_key)
         if entry is not None:

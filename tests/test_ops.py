@@ -28,7 +28,7 @@ async def test_ready_when_everything_is_reachable(tmp_path, aiohttp_client, emul
     client = await aiohttp_client(create_app(build_settings([storage], tmp_path)))
     response = await client.get("/readyz")
     assert response.status == 200
-    assert (await response.json())["checks"] == {"registry": "ok", "storage:s-gcs": "ok"}
+    assert (await response.json())["checks"] == {"registry": "ok", "storage:s-gcs": "ok", "streams": "ok"}
     metrics = await client.get("/metrics")
     assert metrics.headers["Content-Type"].startswith("text/plain")
     text = await metrics.text()
