@@ -4,7 +4,7 @@ VENV ?= .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint serve clean chromium postgresql
+.PHONY: demo test lint serve clean chromium postgresql nginx label-studio
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gateway demo --port $(PORT)
 
-test: $(STAMP) lint chromium postgresql
-	$(VENV)/bin/pytest -q
+test: $(STAMP) lint chromium postgresql nginx label-studio
+	LABEL_STUDIO_VENV=$(LS_VENV) $(VENV)/bin/pytest -q
 
 # Browser tests use Debian's chromium; installed when absent and we are root (CI). Without it
 # they are skipped locally and fail under CI=true.
@@ -36,6 +36,24 @@ postgresql:
 		( for bin in $(PG_LIBDIR)/*/bin; do [ -x "$$bin/initdb" ] && [ -x "$$bin/postgres" ] && exit 0; done; exit 1 ) || \
 		[ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+# The drop-in tests run a real Label Studio behind nginx (tests/test_label_studio.py). nginx comes
+# from Debian (installed when absent and we are root); Label Studio from PyPI, in its own virtual
+# environment kept outside the clone (about 1 GB, 3-5 minutes to build once per version).
+LS_VERSION ?= 1.23.2
+LS_VENV ?= $(HOME)/.cache/gcs-media-gateway/label-studio-$(LS_VERSION)
+
+nginx:
+	@PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+
+label-studio: $(LS_VENV)/.installed
+
+$(LS_VENV)/.installed:
+	rm -rf $(LS_VENV) && $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/pip install --quiet 'label-studio==$(LS_VERSION)'
+	touch $@
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench

@@ -1,0 +1,465 @@
+"""The drop-in for Label Studio (issue 9), against a real Label Studio 1.23 behind nginx.
+
+Label Studio runs from its own virtual environment (`make label-studio`; LABEL_STUDIO_VENV) on
+loopback with analytics, version checks and Sentry off, its GCS storages pointed at
+fake-gcs-server. The nginx front is config/label-studio.nginx.conf, as shipped: Label Studio's
+resolve URLs go to a `gateway serve` process whose `label_studio` authenticator asks Label
+Studio who may read what. A project and a GCS source storage are created and synced through
+Label Studio's own API; media is then loaded through the front with Label Studio's credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.uris import encode_fileuri
+
+from .conftest import SECRET, Emulator, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+LS_VERSION = "1.23.2"
+LS_VENV = Path(
+    os.environ.get("LABEL_STUDIO_VENV") or Path.home() / ".cache" / "gcs-media-gateway" / f"label-studio-{LS_VERSION}"
+)
+ADMIN_EMAIL, ADMIN_PASSWORD = "admin@example.com", "admin-password-123"
+OUTSIDER_EMAIL, OUTSIDER_PASSWORD = "outsider@example.com", "outsider-password-123"
+ADMIN_TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Label Studio's legacy API token
+IMAGE = os.urandom(200_000)
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def http(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None, form: bool = False
+) -> tuple[int, Message, bytes]:
+    """One request, no redirects followed; (status, headers, body)."""
+    data = None
+    headers = dict(headers or {})
+    if body is not None and form:
+        data = "&".join(f"{k}={urllib.request.quote(str(v))}" for k, v in body.items()).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    elif body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def cookies(headers: Message) -> dict[str, str]:
+    """The session and CSRF cookies Label Studio set."""
+    found = {}
+    for line in headers.get_all("Set-Cookie") or []:
+        for name in ("sessionid", "csrftoken"):
+            match = re.search(rf"{name}=([^;]+)", line)
+            if match:
+                found[name] = match.group(1)
+    return found
+
+
+@dataclass
+class LabelStudio:
+    """A Label Studio server process on loopback (stopped and started again by one test)."""
+
+    directory: Path
+    emulator: Emulator
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self.directory),
+            "COLLECT_ANALYTICS": "false",
+            "LATEST_VERSION_CHECK": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+            "LOG_LEVEL": "WARNING",
+            "STORAGE_EMULATOR_HOST": self.emulator.url,
+            "RESOLVER_PROXY_GCS_DOWNLOAD_URL": self.emulator.url
+            + "/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media",
+        }
+
+    def start(self) -> None:
+        log = (self.directory / "label-studio.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                str(LS_VENV / "bin" / "label-studio"),
+                "start",
+                "--no-browser",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.directory),
+                "--username",
+                ADMIN_EMAIL,
+                "--password",
+                ADMIN_PASSWORD,
+                "--user-token",
+                ADMIN_TOKEN,
+            ],
+            env=self.env,
+            cwd=self.directory,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(self.healthy, 300, "Label Studio to start (migrations on the first start)")
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        assert self.process.poll() is None, self.log()
+        try:
+            return http(f"{self.url}/health")[0] == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def log(self) -> str:
+        return (self.directory / "label-studio.log").read_text(errors="replace")[-3000:]
+
+    def login(self, email: str, password: str, base: str | None = None) -> str:
+        """A session cookie, from Label Studio's own login form."""
+        base = base or self.url
+        status, headers, _ = http(f"{base}/user/login/")
+        assert status == 200, status
+        csrf = cookies(headers)["csrftoken"]
+        status, headers, body = http(
+            f"{base}/user/login/",
+            "POST",
+            {"csrfmiddlewaretoken": csrf, "email": email, "password": password},
+            {"Cookie": f"csrftoken={csrf}", "Referer": f"{base}/user/login/"},
+            form=True,
+        )
+        assert status == 302, body[:300]
+        return cookies(headers)["sessionid"]
+
+    def api(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
+        headers.setdefault("Authorization", f"Token {ADMIN_TOKEN}")
+        status, _, raw = http(f"{self.url}{path}", method, body, headers)
+        assert 200 <= status < 300, f"{method} {path}: {status} {raw[:500]!r}"
+        return json.loads(raw) if raw else None
+
+    def manage(self, script: str) -> None:
+        """Run Python with Label Studio's Django set up on its database."""
+        prelude = textwrap.dedent(
+            """
+            import os, sys
+            import label_studio
+            sys.path.insert(0, os.path.dirname(label_studio.__file__))
+            os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings.label_studio")
+            import django
+            django.setup()
+            """
+        )
+        subprocess.run(
+            [str(LS_VENV / "bin" / "python"), "-c", prelude + textwrap.dedent(script)],
+            env=self.env,
+            cwd=self.directory,
+            check=True,
+            timeout=120,
+            capture_output=True,
+        )
+
+
+@dataclass
+class Front:
+    ls: LabelStudio
+    front: str  # nginx: Label Studio and the gateway behind one origin
+    gateway: str  # the gateway itself (for /metrics)
+    bucket: str
+    project: int
+    tasks: dict[str, int]  # object key -> Label Studio task id
+    admin_session: str
+    outsider_session: str
+
+    def resolve(self, key: str, task: int | None = None, bucket: str | None = None) -> str:
+        fileuri = encode_fileuri(f"gs://{bucket or self.bucket}/{key}")
+        return f"{self.front}/tasks/{task or self.tasks[key]}/resolve/?fileuri={fileuri}"
+
+    def checks(self, result: str) -> float:
+        _, _, body = http(f"{self.gateway}/metrics")
+        match = re.search(rf'^gateway_label_studio_checks_total{{result="{result}"}} (\S+)$', body.decode(), re.M)
+        return float(match.group(1)) if match else 0.0
+
+
+def _require_tools() -> None:
+    tools = (("Label Studio", (LS_VENV / "bin" / "label-studio").exists()), ("nginx", NGINX is not None))
+    missing = [name for name, ok in tools if not ok]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (`make label-studio nginx`; LABEL_STUDIO_VENV={LS_VENV})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    _require_tools()
+    directory = tmp_path_factory.mktemp("label-studio")
+    bucket = f"ls-{uuid.uuid4().hex[:12]}"
+    emulator.create_bucket(bucket)
+    for key in ("img/a.jpg", "img/b.jpg"):
+        emulator.upload(bucket, key, IMAGE, "image/jpeg")
+    emulator.upload(bucket, "private/secret.jpg", b"no task references this", "image/jpeg")
+
+    ls = LabelStudio(directory / "ls", emulator)
+    ls.directory.mkdir()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        ls.start()
+        # New organisations refuse legacy API tokens: switch them on, as an admin would.
+        session = ls.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        csrf = cookies(http(f"{ls.url}/user/login/")[1])["csrftoken"]
+        ls.api(
+            "POST",
+            "/api/jwt/settings",
+            {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True},
+            Authorization="",
+            Cookie=f"sessionid={session}; csrftoken={csrf}",
+            **{"X-CSRFToken": csrf, "Referer": f"{ls.url}/"},
+        )
+        config = (
+            '<View><Image name="image" value="$image"/>'
+            '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+        )
+        project = ls.api("POST", "/api/projects/", {"title": "Gateway drop-in", "label_config": config})["id"]
+        storage = ls.api(
+            "POST", "/api/storages/gcs/", {"project": project, "bucket": bucket, "prefix": "img", "use_blob_urls": True}
+        )
+        ls.api("POST", f"/api/storages/gcs/{storage['id']}/sync")
+        listed = ls.api("GET", f"/api/tasks/?project={project}&resolve_uri=false")["tasks"]
+        tasks = {t["data"]["image"].removeprefix(f"gs://{bucket}/"): t["id"] for t in listed}
+        assert sorted(tasks) == ["img/a.jpg", "img/b.jpg"], listed
+        ls.manage(
+            f"""
+            from organizations.models import Organization
+            from users.models import User
+            user = User.objects.create_user(email={OUTSIDER_EMAIL!r}, password={OUTSIDER_PASSWORD!r})
+            user.username = "outsider"
+            user.active_organization = Organization.create_organization(created_by=user, title="Elsewhere")
+            user.save()
+            """
+        )
+        outsider = ls.login(OUTSIDER_EMAIL, OUTSIDER_PASSWORD)
+
+        # The gateway, a real process, serving the bucket for Label Studio's project.
+        gateway_port = free_port()
+        config_file = directory / "gateway.toml"
+        config_file.write_text(
+            textwrap.dedent(
+                f"""
+                [registry]
+                url = "sqlite:///{directory / "registry.db"}"
+                [label_studio]
+                url = "{ls.url}"
+                cache_ttl = 30.0
+                negative_cache_ttl = 2.0
+                [[storages]]
+                id = "label-studio-media"
+                project = "{project}"
+                type = "gcs"
+                bucket = "{bucket}"
+                """
+            )
+        )
+        env = {**os.environ, "GATEWAY_AUTH_SECRET": SECRET, "STORAGE_EMULATOR_HOST": emulator.host}
+        env["PYTHONPATH"] = str(ROOT)
+        gateway_log = (directory / "gateway.log").open("wb")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(config_file), "--port", str(gateway_port)],
+                env=env,
+                stdout=gateway_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        gateway = f"http://127.0.0.1:{gateway_port}"
+        wait_until(lambda: _up(f"{gateway}/healthz"), 30, "the gateway")
+
+        # nginx with the shipped recipe, only its ports changed.
+        front_port = free_port()
+        recipe = (ROOT / "config" / "label-studio.nginx.conf").read_text()
+        recipe = recipe.replace("127.0.0.1:8080", f"127.0.0.1:{gateway_port}").replace(
+            "127.0.0.1:8081", f"127.0.0.1:{ls.port}"
+        )
+        recipe = recipe.replace("listen 127.0.0.1:8000", f"listen 127.0.0.1:{front_port}")
+        nginx_dir = directory / "nginx"
+        nginx_dir.mkdir()
+        (nginx_dir / "front.conf").write_text(recipe)
+        (nginx_dir / "nginx.conf").write_text(
+            textwrap.dedent(
+                f"""
+                worker_processes 1;
+                daemon off;
+                pid {nginx_dir}/nginx.pid;
+                error_log {nginx_dir}/error.log warn;
+                events {{ worker_connections 256; }}
+                http {{
+                    access_log {nginx_dir}/access.log;
+                    client_body_temp_path {nginx_dir}/body;
+                    proxy_temp_path {nginx_dir}/proxy;
+                    fastcgi_temp_path {nginx_dir}/fastcgi;
+                    uwsgi_temp_path {nginx_dir}/uwsgi;
+                    scgi_temp_path {nginx_dir}/scgi;
+                    include {nginx_dir}/front.conf;
+                }}
+                """
+            )
+        )
+        assert NGINX is not None
+        processes.append(
+            subprocess.Popen(
+                [NGINX, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=(nginx_dir / "stderr.log").open("wb"),
+                start_new_session=True,
+            )
+        )
+        front_url = f"http://127.0.0.1:{front_port}"
+        wait_until(lambda: _up(f"{front_url}/health"), 30, "nginx")
+        yield Front(ls, front_url, gateway, bucket, project, tasks, session, outsider)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=20)
+        ls.stop()
+
+
+def _up(url: str) -> bool:
+    try:
+        return http(url)[0] == 200
+    except OSError:
+        return False
+
+
+def session(front: Front, which: str = "admin") -> dict[str, str]:
+    value = front.admin_session if which == "admin" else front.outsider_session
+    return {"Cookie": f"sessionid={value}"}
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+def test_a_project_members_session_gets_bytes_from_the_gateway(front: Front) -> None:
+    allowed, cached = front.checks("allowed"), front.checks("cached")
+    url = front.resolve("img/a.jpg")
+    status, headers, body = http(url, headers=session(front))
+    assert status == 200 and body == IMAGE
+    assert "X-Request-ID" in headers  # the gateway answered, not Label Studio's own proxy
+    etag = headers["ETag"]
+
+    status, headers, body = http(url, headers={**session(front), "Range": "bytes=-2"})
+    assert status == 206 and body == IMAGE[-2:]
+    assert headers["Content-Range"] == f"bytes {len(IMAGE) - 2}-{len(IMAGE) - 1}/{len(IMAGE)}"
+    status, headers, body = http(url, "HEAD", headers=session(front))
+    assert status == 200 and body == b"" and headers["Content-Length"] == str(len(IMAGE))
+    status, _, body = http(url, headers={**session(front), "Range": "bytes=0-9", "If-Range": '"stale-etag"'})
+    assert status == 200 and body == IMAGE  # a stale If-Range gets the whole, current object
+    status, _, body = http(url, headers={**session(front), "Range": "bytes=0-9", "If-Range": etag})
+    assert status == 206 and body == IMAGE[:10]
+
+    # A video's many range requests: one question to Label Studio, the rest from the cache.
+    for start in range(0, 100_000, 10_000):
+        status, _, body = http(url, headers={**session(front), "Range": f"bytes={start}-{start + 9}"})
+        assert status == 206 and body == IMAGE[start : start + 10]
+    assert front.checks("allowed") == allowed + 1
+    assert front.checks("cached") >= cached + 14
+
+    # Project-level resolve: any object inside a gateway storage of the project.
+    fileuri = encode_fileuri(f"gs://{front.bucket}/img/b.jpg")
+    status, _, body = http(f"{front.front}/projects/{front.project}/resolve/?fileuri={fileuri}", headers=session(front))
+    assert status == 200 and body == IMAGE
+
+
+def test_label_studio_api_tokens_and_jwt_access_tokens(front: Front) -> None:
+    url = front.resolve("img/b.jpg")
+    status, _, body = http(url, headers={"Authorization": f"Token {ADMIN_TOKEN}"})
+    assert status == 200 and body == IMAGE
+    refresh = front.ls.api(
+        "POST",
+        "/api/token/",
+        Authorization="",
+        Cookie=f"sessionid={front.admin_session}; csrftoken=x",
+        **{"X-CSRFToken": "x", "Referer": f"{front.ls.url}/"},
+    )["token"]
+    access = front.ls.api("POST", "/api/token/refresh/", {"refresh": refresh}, Authorization="")["access"]
+    status, _, body = http(url, headers={"Authorization": f"Bearer {access}"})
+    assert status == 200 and body == IMAGE
+
+
+def test_who_may_not_read(front: Front) -> None:
+    url = front.resolve("img/a.jpg")
+    status, _, body = http(url, headers=session(front, "outsider"))
+    assert status == 403 and json.loads(body)["error"] == "label_studio_denied"
+    status, _, body = http(url)
+    assert status == 401
+    status, _, body = http(url, headers={"Authorization": "Token not-a-real-token"})
+    assert status in (401, 403) and json.loads(body)["error"].startswith("label_studio")
+    # An object of the bucket that the task does not reference: Label Studio's own proxy serves
+    # it to any member; the gateway does not.
+    status, _, body = http(front.resolve("private/secret.jpg", task=front.tasks["img/a.jpg"]), headers=session(front))
+    assert status == 403 and json.loads(body)["error"] == "not_referenced"
+    status, _, body = http(front.resolve("img/b.jpg", task=front.tasks["img/a.jpg"]), headers=session(front))
+    assert status == 403 and json.loads(body)["error"] == "not_referenced"
+    fileuri = encode_fileuri(f"gs://{front.bucket}/img/a.jpg")
+    status, _, _ = http(
+        f"{front.front}/projects/{front.project}/resolve/?fileuri={fileuri}", headers=session(front, "outsider")
+    )
+    assert status == 403
+
+
+def test_label_studio_down_is_503_and_recovery(front: Front) -> None:
+    url = front.resolve("img/b.jpg")  # not asked with this session yet: not in the cache
+    front.ls.stop()
+    try:
+        status, _, body = http(url, headers=session(front))
+        assert status == 503 and json.loads(body)["error"] == "label_studio_unavailable"
+    finally:
+        front.ls.start()
+    status, _, body = http(url, headers=session(front))
+    assert status == 200 and body == IMAGE
