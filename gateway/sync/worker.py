@@ -135,9 +135,13 @@ class SyncWorker:
             except RegistryUnavailable:
                 log.warning("sync job %s: registry unavailable; it will be re-queued", job_id)
                 raise
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):  # stopping: hand the job back at once
-                    await asyncio.shield(self.registry.release_job(job_id, self.name))
+            except asyncio.CancelledError:  # stopping: hand the job back at once
+                release = asyncio.ensure_future(self.registry.release_job(job_id, self.name))
+                while not release.done():  # a second cancel (stop() cancels every task) must not
+                    with contextlib.suppress(asyncio.CancelledError):  # return before the hand-back
+                        await asyncio.shield(release)
+                if not release.cancelled() and release.exception() is not None:
+                    log.warning("sync job %s: could not hand it back (%s)", job_id, release.exception())
                 raise
             except Exception as exc:  # a bug, or data the registry refuses: running it again would not help
                 log.exception("sync job %s of storage %s failed unexpectedly", job_id, storage_id)
