@@ -226,6 +226,8 @@ async def test_webhooks_reach_api_targets_and_sync_writes_the_earlier_ones(gatew
     target = await gw.call("POST", TARGETS, 201, {**FIELDS, "bucket": first})
     await gw.hook(bulk([(501, 50), (502, 50)], label="Dog"))
     await gw.hook(updated(502, 50, "Cat"))
+    await gw.settled(target["id"])
+    await gw.settled("cfg-target")  # both objects written there before the delete arrives
     await gw.hook(deleted(501))
     done = await gw.settled(target["id"])
     assert done["meta"] == {
@@ -242,7 +244,7 @@ async def test_webhooks_reach_api_targets_and_sync_writes_the_earlier_ones(gatew
     assert content_type == "application/json" and body["result"][0]["value"]["choices"] == ["Cat"]
     assert body["task"]["id"] == 50  # the annotation with its task, as Label Studio writes it
     # The config-file target of the same project got them too; it may not delete objects.
-    await gw.settled("cfg-target")
+    await gw.settled("cfg-target", "completed")
     assert list(await gw.objects(gateways.config_bucket)) == ["cfg/501", "cfg/502"]
 
     # A target added later receives new events; Sync writes what came before.
