@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -214,6 +215,7 @@ class Front:
     tasks: dict[str, int]  # object key -> Label Studio task id
     admin_session: str
     outsider_session: str
+    gateway_log: Path
 
     def resolve(self, key: str, task: int | None = None, bucket: str | None = None) -> str:
         fileuri = encode_fileuri(f"gs://{bucket or self.bucket}/{key}")
@@ -361,7 +363,7 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
         front_url = f"http://127.0.0.1:{front_port}"
         wait_until(lambda: _up(f"{front_url}/health"), 30, "nginx")
-        yield Front(ls, front_url, gateway, bucket, project, tasks, session, outsider)
+        yield Front(ls, front_url, gateway, bucket, project, tasks, session, outsider, directory / "gateway.log")
     finally:
         for process in processes:
             if process.poll() is None:
@@ -451,6 +453,27 @@ def test_who_may_not_read(front: Front) -> None:
         f"{front.front}/projects/{front.project}/resolve/?fileuri={fileuri}", headers=session(front, "outsider")
     )
     assert status == 403
+
+
+def test_concurrent_first_requests_share_one_label_studio_call(front: Front) -> None:
+    """A player opening a video sends several ranges at once; they wait for one decision."""
+    url = front.resolve("img/b.jpg")
+    # A credential the gateway has not seen for this task: the admin's session in a new login.
+    fresh = {"Cookie": f"sessionid={front.ls.login(ADMIN_EMAIL, ADMIN_PASSWORD)}"}
+    allowed = front.checks("allowed")
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: http(url, headers={**fresh, "Range": f"bytes={n}-{n}"}), range(8)))
+    assert [(status, body) for status, _, body in answers] == [(206, IMAGE[n : n + 1]) for n in range(8)]
+    assert front.checks("allowed") == allowed + 1
+
+
+def test_credentials_are_never_logged(front: Front) -> None:
+    http(front.resolve("img/a.jpg"), headers=session(front))
+    http(front.resolve("img/a.jpg"), headers={"Authorization": f"Token {ADMIN_TOKEN}"})
+    log = (front.gateway_log).read_text(errors="replace")
+    assert f"/tasks/{front.tasks['img/a.jpg']}/resolve/" in log  # the access log is on
+    for secret in (front.admin_session, front.outsider_session, ADMIN_TOKEN):
+        assert secret not in log
 
 
 def test_label_studio_down_is_503_and_recovery(front: Front) -> None:
