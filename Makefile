@@ -73,7 +73,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 .PHONY: bench
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) label-studio
 	@command -v wrk >/dev/null 2>&1 && PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx-light; }
 	$(VENV)/bin/python -m bench $(ARGS)

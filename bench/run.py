@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 "bare": Target("bare", bare.port, lambda _o: "/"),
             }
         else:
-            log(f"bench: emulator :{emulator.port} (no gateway, nginx or bare server: only scenario 6 selected)")
+            log(f"bench: emulator :{emulator.port} (no shared gateway, nginx or bare server: none of 1-5 selected)")
         ctx = Context(
             tools["wrk"],
             workdir,

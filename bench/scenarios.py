@@ -713,6 +713,13 @@ class Scenario:
     run: Callable[[Context], ScenarioResult] | None  # None: the gateway lacks the feature so far
 
 
+def _label_studio(ctx: Context) -> ScenarioResult:
+    """Scenario 8 lives in bench/label_studio.py (it starts Label Studio, a gateway and nginx)."""
+    from .label_studio import label_studio_ranges
+
+    return label_studio_ranges(ctx)
+
+
 def _sync_import(ctx: Context) -> ScenarioResult:
     """Scenario 6 lives in bench/sync_import.py (it builds on this module's Row, Bar and Context)."""
     from .sync_import import sync_import
@@ -727,6 +734,7 @@ SCENARIOS: dict[str, Scenario] = {
     "4": Scenario("4", "revalidation (304)", revalidation),
     "5": Scenario("5", "memory under streams", memory),
     "6": Scenario("6", "sync import", _sync_import),
+    "8": Scenario("8", "Label Studio drop-in", _label_studio),
 }
 
 
