@@ -1,0 +1,299 @@
+"""The gateway's own pages in a real browser (Debian's chromium, Playwright) over fake-gcs-server.
+
+The settings page at /ui/: sign-in, Add Source Storage with Test connection, Load preview and
+Save & Sync, errors next to their fields. The viewer at /view/tasks/{id}: an image, a video that
+seeks (206 answers), and a multi-page PDF whose first page renders before the file is
+downloaded — through a proxied and through a pre-signed storage (the browser follows the 303).
+Screenshots go to tests/artifacts/ (ignored by git).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway import metrics
+from gateway.api.auth import SESSION_COOKIE
+from gateway.app import create_app
+from gateway.demo import media_root
+from gateway.state import REGISTRY
+
+from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
+from .test_presign import service_account_json
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+VAULT_KEY = "an-encryption-key-for-tests-0123456789abcdef"
+WAIT = 15_000  # ms: every browser wait is bounded
+API_PROJECT = "8"
+
+
+def multipage_pdf(pages: int, padding: int) -> bytes:
+    """A valid PDF of `pages` pages, each a few coloured bars and `padding` bytes of content-stream
+    comments (uncompressed), so the file is large and page 1 needs only its start and end."""
+    objects: list[bytes] = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids ["
+        + b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(pages))
+        + b"] /Count %d >>" % pages,
+    ]
+    for i in range(pages):
+        drawing = b"0.1 0.3 0.8 rg 72 700 %d 40 re f 0.8 0.2 0.2 rg 72 640 200 30 re f\n" % (20 + 10 * i)
+        stream = drawing + (b"% padding so that each page weighs a lot ........................\n" * (padding // 66))
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents %d 0 R >>" % (4 + 2 * i))
+        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+PDF = multipage_pdf(pages=60, padding=50_000)  # ~3 MB
+MEDIA = [
+    StoredObject("media/photo.jpg", (media_root() / "photo.jpg").read_bytes(), "image/jpeg"),
+    StoredObject("media/clip.mp4", (media_root() / "clip.mp4").read_bytes(), "video/mp4"),
+    StoredObject("media/book.pdf", PDF, "application/pdf"),
+]
+IMAGES = [
+    StoredObject("images/a.jpg", b"A" * 100, "image/jpeg"),
+    StoredObject("images/b.jpg", b"B" * 100, "image/jpeg"),
+    StoredObject("images/c.jpg", b"C" * 100, "image/jpeg"),
+    StoredObject("images/notes.txt", b"not an image", "text/plain"),
+]
+
+
+def screenshot_path(name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    print(f"screenshot: {path}")
+    return path
+
+
+@pytest.fixture
+async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
+    """A served gateway with the sync worker: a proxied and a pre-signed storage of MEDIA, and a
+    bucket of IMAGES for API storages; one task per media storage."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-adc.json"))
+    media_bucket, images_bucket = f"web-{uuid.uuid4().hex[:12]}", f"web-img-{uuid.uuid4().hex[:8]}"
+    proxied = seed("gcs", media_bucket, MEDIA, tmp_path, emulator) | {"id": "media"}
+    signed_bucket = f"web-signed-{uuid.uuid4().hex[:8]}"
+    signed = seed("gcs", signed_bucket, MEDIA, tmp_path, emulator) | {
+        "id": "signed",
+        "project": "9",
+        "presign": True,
+        "google_application_credentials": service_account_json(
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ),
+    }
+    seed("gcs", images_bucket, IMAGES, tmp_path, emulator)
+    settings = build_settings(
+        [proxied, signed],
+        tmp_path,
+        registry={
+            "url": f"sqlite:///{tmp_path / 'registry.db'}",
+            "encryption_keys": [VAULT_KEY],
+            "storage_refresh": 0.2,
+        },
+        sync={"poll_interval": 0.1},
+    )
+    app = create_app(settings, sync_worker=True)
+    tasks = {}
+    for project, bucket in ((PROJECT, media_bucket), ("9", signed_bucket)):
+        data = {name: f"gs://{bucket}/media/{key}" for name, key in (("image", "photo.jpg"), ("video", "clip.mp4"))}
+        (tasks[project],) = await app[REGISTRY].add_tasks(
+            project, [{"data": {**data, "pdf": f"gs://{bucket}/media/book.pdf"}}]
+        )
+    server = await aiohttp_server(app, host="127.0.0.1")
+    return {"url": str(server.make_url("")).rstrip("/"), "tasks": tasks, "images": images_bucket, "emulator": emulator}
+
+
+async def field_error(page: Any, dialog: str, field: str) -> str:
+    locator = page.locator(f"#{dialog} [data-field='{field}'] .error")
+    await locator.wait_for(state="visible", timeout=WAIT)
+    return await locator.inner_text()
+
+
+async def test_add_source_storage_flow(browser, gateway):
+    base = gateway["url"]
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(f"{base}/ui/")
+    await page.locator("#sign-in-token").wait_for(timeout=WAIT)
+    await page.screenshot(path=screenshot_path("ui-sign-in"))
+
+    # A media token is refused with a sentence saying why; an admin token signs in.
+    await page.fill("#sign-in-token", make_token("bob", tasks="*"))
+    await page.click("#sign-in-form button[type=submit]")
+    assert "not an admin token" in await field_error(page, "sign-in-form", "token")
+    await page.fill("#sign-in-token", make_token("root", admin=True))
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Enter")  # the Sign in button, reached with the keyboard
+    await page.locator("#who-name").wait_for(timeout=WAIT)
+    assert await page.inner_text("#who-name") == "root"
+    cookie = next(c for c in await page.context.cookies() if c["name"] == SESSION_COOKIE)
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert await page.evaluate("document.cookie") == ""  # the token is out of the scripts' reach
+
+    # Step 1, Configure Connection: a missing bucket, then a bad key file, each next to its field.
+    await page.click("#add-source")
+    dialog = "source-dialog"
+    await page.fill("#source-project", API_PROJECT)
+    await page.fill("#source-title-input", "Images")
+    await page.fill("#source-bucket", "no-such-bucket-anywhere")
+    await page.click(f"#{dialog} [data-action=test]")
+    assert "does not exist" in await field_error(page, dialog, "bucket")
+    await page.screenshot(path=screenshot_path("ui-add-source-error"))
+    await page.fill("#source-bucket", gateway["images"])
+    bad_key = json.dumps(
+        {"type": "service_account", "client_email": "x@p.iam.gserviceaccount.com", "private_key": "no"}
+    )
+    await page.set_input_files(
+        "#source-credentials", files=[{"name": "key.json", "mimeType": "application/json", "buffer": bad_key.encode()}]
+    )
+    await page.click(f"#{dialog} [data-action=test]")
+    message = await field_error(page, dialog, "google_application_credentials")
+    assert message.startswith("Wrong credentials") and "no" not in message.split(":", 1)[0]
+    assert await page.locator(f"#{dialog} [data-field=bucket] .error").inner_text() == ""
+    await page.set_input_files("#source-credentials", files=[])
+    await page.click(f"#{dialog} [data-action=test]")
+    result = page.locator(f"#{dialog} [data-result=test][data-ok=true]")
+    await result.wait_for(timeout=WAIT)
+    assert gateway["images"] in await result.inner_text()
+
+    # Step 2, Import Settings & Preview: a bad regex is named; then the preview lists the images.
+    await page.click(f"#{dialog} [data-action=next]")
+    await page.fill("#source-prefix", "images")
+    await page.fill("#source-regex", "(")
+    await page.click(f"#{dialog} [data-action=preview]")
+    assert "not a valid regular expression" in await field_error(page, dialog, "regex_filter")
+    await page.fill("#source-regex", r".*\.jpg")
+    await page.click(f"#{dialog} [data-action=preview]")
+    items = page.locator(f"#{dialog} .preview li")
+    await items.nth(2).wait_for(timeout=WAIT)
+    assert await items.all_inner_texts() == ["images/a.jpg", "images/b.jpg", "images/c.jpg"]
+    await page.screenshot(path=screenshot_path("ui-add-source-preview"))
+
+    # Step 3, Review & Confirm, then Save & Sync: the row shows the sync and then the tasks.
+    await page.click(f"#{dialog} [data-action=next]")
+    assert "every object" not in await page.inner_text(f"#{dialog} .review")
+    await page.click(f"#{dialog} [data-action=save-sync]")
+    row = page.locator("#source-table tbody tr", has_text="Images")
+    await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    await page.locator("#task-count", has_text="3 tasks").wait_for(timeout=WAIT)
+    assert "3 created" in await row.inner_text()
+    await page.screenshot(path=screenshot_path("ui-storages"))
+
+    # Sync again from the list (nothing new), then delete with confirmation.
+    await row.get_by_role("button", name="Sync Images").click()
+    await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    page.once("dialog", lambda d: d.accept())
+    await row.get_by_role("button", name="Delete Images").click()
+    await row.wait_for(state="detached", timeout=WAIT)
+
+    # Signing out drops the cookie; the API then refuses the browser.
+    await page.click("#sign-out")
+    await page.locator("#sign-in-token").wait_for(timeout=WAIT)
+    assert not [c for c in await page.context.cookies() if c["name"] == SESSION_COOKIE]
+
+
+async def open_viewer(browser, gateway, project: str):
+    """The viewer opened through a link with the token; the token then lives in the cookie only."""
+    task = gateway["tasks"][project]
+    page = await browser.new_page(viewport={"width": 1000, "height": 1400})
+    responses: list[Any] = []
+    page.on("response", responses.append)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    token = make_token(tasks=[task])
+    await page.goto(f"{gateway['url']}/view/tasks/{task}?token={token}")
+    assert page.url == f"{gateway['url']}/view/tasks/{task}"  # the token left the address bar
+    await page.locator("#media-0").wait_for(timeout=WAIT)
+    return page, responses, errors
+
+
+async def check_viewer(page, responses, errors, *, signed: bool) -> None:
+    image = page.locator("[data-kind=image] img")
+    await page.wait_for_function("document.querySelector('[data-kind=image] img')?.complete", timeout=WAIT)
+    assert await image.evaluate("img => img.naturalWidth") > 0
+
+    partial = metrics.PARTIAL_RESPONSES.labels("task_resolve")
+    before = partial._value.get()
+    await page.wait_for_function("document.querySelector('video').readyState >= 1", timeout=WAIT)
+    duration = await page.evaluate("document.querySelector('video').duration")
+    position = await page.evaluate(
+        """(middle) => new Promise((resolve, reject) => {
+            const v = document.querySelector('video');
+            v.addEventListener('seeked', () => resolve(v.currentTime), {once: true});
+            v.addEventListener('error', () => reject(new Error('media error ' + v.error.code)), {once: true});
+            v.currentTime = middle;
+        })""",
+        duration / 2,
+    )
+    assert abs(position - duration / 2) < 0.2
+    played = await page.evaluate(
+        """() => new Promise((resolve, reject) => {
+            const v = document.querySelector('video');
+            v.muted = true;
+            v.addEventListener('timeupdate', () => resolve(v.currentTime), {once: true});
+            v.play().catch(reject);
+        })"""
+    )
+    assert played >= position
+    video = [r for r in responses if "clip" in r.url or r.request.url.endswith(".mp4")]
+    if signed:  # the gateway redirects; the ranges are answered by the storage
+        assert any(r.status == 303 for r in responses if "/resolve/" in r.url)
+        assert any(r.status == 206 and "/resolve/" not in r.url for r in responses)
+    else:
+        assert partial._value.get() > before  # the gateway's metrics count its 206 answers
+        assert video is not None
+
+    pdf = page.locator("[data-kind=pdf]")
+    await page.wait_for_function(
+        "document.querySelector('[data-kind=pdf]')?.dataset.renderedPage === '1'", timeout=WAIT
+    )
+    assert await pdf.get_attribute("data-pages") == "60"
+    # Page 1 is drawn (not a blank canvas) from a fraction of the file's bytes.
+    painted = await page.evaluate(
+        """() => { const c = document.querySelector('[data-kind=pdf] canvas');
+                   const d = c.getContext('2d').getImageData(90, 90, 10, 10).data;
+                   return d[2] > 150 && d[0] < 100; }"""
+    )
+    assert painted
+    pdf_bodies = [r for r in responses if r.status in (200, 206) and r.request.headers.get("range") is not None]
+    fetched = sum(len(await r.body()) for r in pdf_bodies if r.request.resource_type == "fetch")
+    assert 0 < fetched < len(PDF) / 4, (fetched, len(PDF))
+    await page.get_by_role("button", name="Next page").click()
+    await page.wait_for_function("document.querySelector('[data-kind=pdf]').dataset.renderedPage === '2'", timeout=WAIT)
+    assert not [e for e in errors if "Content Security Policy" in e], errors
+
+
+async def test_viewer_proxied_storage(browser, gateway):
+    page, responses, errors = await open_viewer(browser, gateway, PROJECT)
+    await check_viewer(page, responses, errors, signed=False)
+    await page.screenshot(path=screenshot_path("viewer"), full_page=True)
+
+
+async def test_viewer_presigned_storage(browser, gateway):
+    page, responses, errors = await open_viewer(browser, gateway, "9")
+    await check_viewer(page, responses, errors, signed=True)
+
+
+async def test_viewer_refuses_other_tasks(browser, gateway):
+    other = make_token(tasks=[gateway["tasks"]["9"]])
+    page = await browser.new_page()
+    await page.goto(f"{gateway['url']}/view/tasks/{gateway['tasks'][PROJECT]}?token={other}")
+    error = page.locator("#error")
+    await error.wait_for(timeout=WAIT)
+    assert "does not give access" in await error.inner_text()
+    await page.goto(f"{gateway['url']}/view/tasks/{gateway['tasks'][PROJECT]}?token=not-a-jwt")
+    assert "well-formed" in await page.inner_text("body")
