@@ -22,7 +22,8 @@ from gateway import metrics
 from gateway.api.auth import SESSION_COOKIE
 from gateway.app import create_app
 from gateway.demo import media_root
-from gateway.state import REGISTRY
+from gateway.state import CATALOG, REGISTRY, TASKS
+from gateway.sync.worker import SyncWorker
 
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
 from .test_presign import service_account_json
@@ -85,9 +86,10 @@ def screenshot_path(name: str) -> Path:
 
 
 @pytest.fixture
-async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
-    """A served gateway with the sync worker: a proxied and a pre-signed storage of MEDIA, and a
-    bucket of IMAGES for API storages; one task per media storage."""
+async def gateway(request, tmp_path, emulator, aiohttp_server, monkeypatch):
+    """A served gateway (with the in-process sync worker unless the test's param says False): a
+    proxied and a pre-signed storage of MEDIA, a bucket of IMAGES for API storages; one task per
+    media storage."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-adc.json"))
     media_bucket, images_bucket = f"web-{uuid.uuid4().hex[:12]}", f"web-img-{uuid.uuid4().hex[:8]}"
@@ -112,7 +114,7 @@ async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
         },
         sync={"poll_interval": 0.1},
     )
-    app = create_app(settings, sync_worker=True)
+    app = create_app(settings, sync_worker=getattr(request, "param", True))
     tasks = {}
     for project, bucket in ((PROJECT, media_bucket), ("9", signed_bucket)):
         data = {name: f"gs://{bucket}/media/{key}" for name, key in (("image", "photo.jpg"), ("video", "clip.mp4"))}
@@ -120,7 +122,7 @@ async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
             project, [{"data": {**data, "pdf": f"gs://{bucket}/media/book.pdf"}}]
         )
     server = await aiohttp_server(app, host="127.0.0.1")
-    return {"url": str(server.make_url("")).rstrip("/"), "tasks": tasks, "images": images_bucket, "emulator": emulator}
+    return {"url": str(server.make_url("")).rstrip("/"), "tasks": tasks, "images": images_bucket, "app": app}
 
 
 async def field_error(page: Any, dialog: str, field: str) -> str:
@@ -129,6 +131,7 @@ async def field_error(page: Any, dialog: str, field: str) -> str:
     return await locator.inner_text()
 
 
+@pytest.mark.parametrize("gateway", [False], indirect=True)  # the test runs the sync worker itself
 async def test_add_source_storage_flow(browser, gateway):
     base = gateway["url"]
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
@@ -188,21 +191,45 @@ async def test_add_source_storage_flow(browser, gateway):
     assert await items.all_inner_texts() == ["images/a.jpg", "images/b.jpg", "images/c.jpg"]
     await page.screenshot(path=screenshot_path("ui-add-source-preview"))
 
-    # Step 3, Review & Confirm, then Save & Sync: the row shows the sync and then the tasks.
+    # Step 3, Review & Confirm, then Save & Sync. The sync stays queued until a worker runs: the
+    # row shows a progress bar and the page keeps polling the storage, then shows the result.
     await page.click(f"#{dialog} [data-action=next]")
-    assert "every object" not in await page.inner_text(f"#{dialog} .review")
+    review = await page.inner_text(f"#{dialog} .review")
+    assert "Application Default Credentials" in review and r".*\.jpg" in review
     await page.click(f"#{dialog} [data-action=save-sync]")
     row = page.locator("#source-table tbody tr", has_text="Images")
-    await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    await row.locator(".status[data-status=queued] progress").wait_for(timeout=WAIT)
+    storage_id = await row.get_attribute("data-id")
+    for _ in range(2):
+        async with page.expect_response(f"**/api/storages/gcs/{storage_id}", timeout=WAIT) as polled:
+            pass
+        assert (await (await polled.value).json())["status"] == "queued"
+    app = gateway["app"]
+    worker = SyncWorker(app[CATALOG], on_change=app[TASKS].forget)
+    running = asyncio.create_task(worker.run())
+    try:
+        await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    finally:
+        await worker.stop(running)
     await page.locator("#task-count", has_text="3 tasks").wait_for(timeout=WAIT)
     assert "3 created" in await row.inner_text()
+    assert await row.locator("progress").count() == 0
     await page.screenshot(path=screenshot_path("ui-storages"))
 
-    # Sync again from the list (nothing new), then delete with confirmation.
-    await row.get_by_role("button", name="Sync Images").click()
-    await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    # Edit: the form comes back filled (project fixed, key kept); a new title is saved.
+    await row.get_by_role("button", name="Edit Images").click()
+    assert await page.input_value("#source-regex") == r".*\.jpg"
+    assert await page.locator("#source-project").get_attribute("readonly") is not None
+    await page.fill("#source-title-input", "Photos")
+    await page.click(f"#{dialog} [data-action=next]")
+    await page.click(f"#{dialog} [data-action=next]")
+    await page.click(f"#{dialog} [data-action=save]")
+    row = page.locator("#source-table tbody tr", has_text="Photos")
+    await row.wait_for(timeout=WAIT)
+
+    # Delete, after a confirmation.
     page.once("dialog", lambda d: d.accept())
-    await row.get_by_role("button", name="Delete Images").click()
+    await row.get_by_role("button", name="Delete Photos").click()
     await row.wait_for(state="detached", timeout=WAIT)
 
     # Signing out drops the cookie; the API then refuses the browser.
