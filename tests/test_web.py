@@ -336,11 +336,14 @@ async def test_viewer_presigned_storage(browser, gateway):
 
 
 async def test_viewer_refuses_other_tasks(browser, gateway):
-    other = make_token(tasks=[gateway["tasks"]["9"]])
+    task, other = gateway["tasks"][PROJECT], make_token(tasks=[gateway["tasks"]["9"]])
     page = await browser.new_page()
-    await page.goto(f"{gateway['url']}/view/tasks/{gateway['tasks'][PROJECT]}?token={other}")
+    answer = await page.goto(f"{gateway['url']}/view/tasks/{task}?token={other}")
+    assert answer.status == 403 and "does not grant task" in await page.inner_text("body")
+    assert not await page.context.cookies()  # a token for another task never becomes the cookie
+    answer = await page.goto(f"{gateway['url']}/view/tasks/{task}?token=not-a-jwt")
+    assert answer.status == 401 and "well-formed" in await page.inner_text("body")
+    await page.goto(f"{gateway['url']}/view/tasks/{task}")  # no token at all: the page says what to do
     error = page.locator("#error")
     await error.wait_for(timeout=WAIT)
-    assert "does not give access" in await error.inner_text()
-    await page.goto(f"{gateway['url']}/view/tasks/{gateway['tasks'][PROJECT]}?token=not-a-jwt")
-    assert "well-formed" in await page.inner_text("body")
+    assert "carries your token" in await error.inner_text()

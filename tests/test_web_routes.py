@@ -90,6 +90,13 @@ async def test_viewer_moves_the_token_into_the_cookie(client):
     assert 110 <= int(cookie["max-age"]) <= 120
     bad = await client.get(f"/view/tasks/{client.task}?token=nope", allow_redirects=False)
     assert bad.status == 401 and "gateway_token" not in bad.cookies
+    other = make_token(tasks=[client.other])
+    refused = await client.get(f"/view/tasks/{client.task}?token={other}", allow_redirects=False)
+    assert refused.status == 403 and "gateway_token" not in refused.cookies
+    behind_tls = await client.get(
+        f"/view/tasks/{client.task}?token={token}", allow_redirects=False, headers={"X-Forwarded-Proto": "https"}
+    )
+    assert behind_tls.cookies["gateway_token"]["secure"]
 
 
 async def test_viewer_media_list(client):

@@ -43,15 +43,7 @@ async def sign_in(request: web.Request) -> web.Response:
     token = token.strip()
     claims = await _admin(request, token)
     response = web.json_response(_session(claims, token))
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        max_age=max(0, int(claims.exp - time.time())),
-        path="/",
-        httponly=True,
-        secure=request.secure,
-        samesite="Strict",
-    )
+    set_token_cookie(request, response, SESSION_COOKIE, token, claims, "Strict")
     return response
 
 
@@ -69,8 +61,30 @@ async def sign_out(request: web.Request) -> web.Response:
     else:
         check_same_origin(request)
     response = web.Response(status=204)
-    response.del_cookie(SESSION_COOKIE, path="/", secure=request.secure, httponly=True, samesite="Strict")
+    response.del_cookie(SESSION_COOKIE, path="/", secure=is_https(request), httponly=True, samesite="Strict")
     return response
+
+
+def is_https(request: web.Request) -> bool:
+    """HTTPS here or at a TLS-terminating proxy in front (trusting the header can only make a
+    cookie stricter: a forged one merely keeps it off plain HTTP)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.secure or forwarded == "https"
+
+
+def set_token_cookie(
+    request: web.Request, response: web.StreamResponse, name: str, token: str, claims: Claims, samesite: str
+) -> None:
+    """A token in an HttpOnly cookie (scripts never read it) that expires with the token."""
+    response.set_cookie(
+        name,
+        token,
+        max_age=max(0, int(claims.exp - time.time())),
+        path="/",
+        httponly=True,
+        secure=is_https(request),
+        samesite=samesite,
+    )
 
 
 async def _admin(request: web.Request, token: str) -> Claims:

@@ -11,7 +11,6 @@ cookie; the resolve route checks the token again on every request.
 from __future__ import annotations
 
 import posixpath
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from ..registry import TaskAccess
 from ..state import CATALOG, REGISTRY, SETTINGS, SUB, TASK, TASKS, VERIFIER
 from ..storage import StorageError
 from ..uris import BadFileUri, GsUri, encode_fileuri, find_gs_uris, parse_gs_uri
+from .session import set_token_cookie
 
 KINDS = {
     "image": {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".avif"},
@@ -40,17 +40,11 @@ def viewer_routes(app: web.Application, page: Callable[[web.Request], Awaitable[
         token = request.query.get(auth.query_param) if auth.query_param else None
         if not token:
             return await page(request)
-        claims = await request.app[VERIFIER].verify(token)  # never set a cookie from a bad token
+        # Only a token for this task becomes the cookie: a link cannot swap in any token at all.
+        claims = await request.app[VERIFIER].verify(token)
+        await _task_access(request, claims)
         response = web.HTTPSeeOther(request.path)
-        response.set_cookie(
-            auth.cookie,
-            token,
-            max_age=max(0, int(claims.exp - time.time())),
-            path="/",
-            httponly=True,
-            secure=request.secure,
-            samesite="Lax",
-        )
+        set_token_cookie(request, response, auth.cookie, token, claims, "Lax")
         return response
 
     task = r"/view/tasks/{task_id:\d{1,18}}"
@@ -65,13 +59,8 @@ async def task_media(request: web.Request) -> web.Response:
     if token is None:
         raise unauthorized("missing_token", "open the viewer with ?token=… or send a token")
     claims = await request.app[VERIFIER].verify(token)
-    request[SUB] = claims.sub
-    task_id = request[TASK] = int(request.match_info["task_id"])
-    access = await request.app[TASKS].get(task_id)
-    if access is None:
-        raise Refused(404, "unknown_task", f"task {task_id} does not exist")
-    if not claims.grants_task(access.id, access.project):
-        raise forbidden("no_grant", f"the token does not grant task {task_id}")
+    access = await _task_access(request, claims)
+    task_id = access.id
     task = await request.app[REGISTRY].get_task(task_id)
     if task is None:
         raise Refused(404, "unknown_task", f"task {task_id} does not exist")
@@ -93,6 +82,18 @@ async def task_media(request: web.Request) -> web.Response:
                 item["size"] = await _size(request, claims, access, parsed)
             media.append(item)
     return web.json_response({"task": task_id, "project": access.project, "media": media})
+
+
+async def _task_access(request: web.Request, claims: Claims) -> TaskAccess:
+    """The task of the path, if the token grants it (the media path's decision)."""
+    request[SUB] = claims.sub
+    task_id = request[TASK] = int(request.match_info["task_id"])
+    access = await request.app[TASKS].get(task_id)
+    if access is None:
+        raise Refused(404, "unknown_task", f"task {task_id} does not exist")
+    if not claims.grants_task(access.id, access.project):
+        raise forbidden("no_grant", f"the token does not grant task {task_id}")
+    return access
 
 
 def media_kind(key: str) -> str:
