@@ -129,6 +129,7 @@ function render() {
   renderTable("source", state.sources.filter((s) => String(s.project) === state.project));
   renderTable("target", state.targets.filter((s) => String(s.project) === state.project));
   if (!targetsAvailable) $("#target-empty").textContent = "Target storages are not available on this gateway.";
+  $("#add-target").disabled = !targetsAvailable;
   showTaskCount();
 }
 
