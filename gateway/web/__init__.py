@@ -9,6 +9,7 @@ scripts and styles only from this origin, no inline code, no framing.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -25,7 +26,7 @@ _POLICY = (
 
 
 def add_web_routes(app: web.Application) -> None:
-    app.router.add_get("/ui", lambda _: web.HTTPFound("/ui/"), name="web_ui_redirect")
+    app.router.add_get("/ui", _to_ui, name="web_ui_redirect")
     app.router.add_get("/ui/", page("admin.html"), name="web_ui")
     app.router.add_static("/ui/static", STATIC, name="web_static")
     session_routes(app)
@@ -46,17 +47,21 @@ def add_web_routes(app: web.Application) -> None:
     app.on_response_prepare.append(page_headers)
 
 
-def page(name: str):  # type: ignore[no-untyped-def]
-    async def handler(_request: web.Request) -> web.FileResponse:
+def page(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(_request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / name)
 
     return handler
 
 
+async def _to_ui(_request: web.Request) -> web.Response:
+    return web.Response(status=302, headers={"Location": "/ui/"})
+
+
 def _viewer_policy(storage: str) -> str:
     """The viewer also loads media from where signed URLs point (GCS, or the emulator in tests)."""
     return (
-        f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' {storage} blob: data:; "
+        f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' {storage}; "
         f"media-src 'self' {storage}; connect-src 'self' {storage}; worker-src 'self'; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )

@@ -43,7 +43,7 @@ def viewer_routes(app: web.Application, page: Callable[[web.Request], Awaitable[
         # Only a token for this task becomes the cookie: a link cannot swap in any token at all.
         claims = await request.app[VERIFIER].verify(token)
         await _task_access(request, claims)
-        response = web.HTTPSeeOther(request.path)
+        response = web.Response(status=303, headers={"Location": request.path})
         set_token_cookie(request, response, auth.cookie, token, claims, "Lax")
         return response
 
