@@ -35,7 +35,7 @@ async def test_add_target_storage_and_sync(browser, gateway):  # noqa: F811
 
     row = page.locator("#target-table tbody tr", has_text="Annotations")
     await row.wait_for(timeout=WAIT)
-    assert f"gs://{gateway['images']}/annotations/" in await row.inner_text()
+    assert f"gs://{gateway['images']}/annotations" in await row.inner_text()
     await row.get_by_role("button", name="Sync Annotations").click()
     await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
     await page.screenshot(path=screenshot_path("ui-target-storage"))
