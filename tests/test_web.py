@@ -68,6 +68,7 @@ PDF = multipage_pdf(pages=60, padding=50_000)  # ~3 MB
 MEDIA = [
     StoredObject("media/photo.jpg", (media_root() / "photo.jpg").read_bytes(), "image/jpeg"),
     StoredObject("media/clip.mp4", (media_root() / "clip.mp4").read_bytes(), "video/mp4"),
+    StoredObject("media/audio.mp3", (media_root() / "audio.mp3").read_bytes(), "audio/mpeg"),
     StoredObject("media/book.pdf", PDF, "application/pdf"),
 ]
 IMAGES = [
@@ -117,7 +118,10 @@ async def gateway(request, tmp_path, emulator, aiohttp_server, monkeypatch):
     app = create_app(settings, sync_worker=getattr(request, "param", True))
     tasks = {}
     for project, bucket in ((PROJECT, media_bucket), ("9", signed_bucket)):
-        data = {name: f"gs://{bucket}/media/{key}" for name, key in (("image", "photo.jpg"), ("video", "clip.mp4"))}
+        data = {
+            name: f"gs://{bucket}/media/{key}"
+            for name, key in (("image", "photo.jpg"), ("video", "clip.mp4"), ("audio", "audio.mp3"))
+        }
         (tasks[project],) = await app[REGISTRY].add_tasks(
             project, [{"data": {**data, "pdf": f"gs://{bucket}/media/book.pdf"}}]
         )
@@ -272,6 +276,12 @@ async def check_viewer(page, responses, errors, partial_before: float, *, signed
         " img.onload = () => ok(img.naturalWidth); img.onerror = () => fail(new Error('image failed')); })",
     )
     assert width > 0
+    audio = await settled(
+        page.locator("audio"),
+        "a => a.readyState >= 1 ? a.duration : new Promise((ok, fail) => {"
+        " a.onloadedmetadata = () => ok(a.duration); a.onerror = () => fail(new Error('audio failed')); })",
+    )
+    assert audio > 0
 
     duration = await settled(
         page.locator("video"),
@@ -297,7 +307,8 @@ async def check_viewer(page, responses, errors, partial_before: float, *, signed
         })"""
     )
     assert played >= position
-    video = [r for r in responses if r.request.resource_type == "media"]
+    source = await page.locator("video").get_attribute("src")
+    video = [r for r in responses if (r.request.redirected_from or r.request).url.endswith(source)]
     if signed:  # the gateway redirects; the storage answers the ranges
         assert {r.status for r in video} == {303, 206}
     else:
