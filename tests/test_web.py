@@ -129,6 +129,13 @@ async def gateway(request, tmp_path, emulator, aiohttp_server, monkeypatch):
     return {"url": str(server.make_url("")).rstrip("/"), "tasks": tasks, "images": images_bucket, "app": app}
 
 
+async def new_page(browser: Any, **options: Any) -> Any:
+    """A page whose every action and wait gives up after WAIT (Playwright's default is 30 s)."""
+    page = await browser.new_page(**options)
+    page.set_default_timeout(WAIT)
+    return page
+
+
 async def field_error(page: Any, dialog: str, field: str) -> str:
     locator = page.locator(f"#{dialog} [data-field='{field}'] .error")
     await locator.wait_for(state="visible", timeout=WAIT)
@@ -138,7 +145,7 @@ async def field_error(page: Any, dialog: str, field: str) -> str:
 @pytest.mark.parametrize("gateway", [False], indirect=True)  # the test runs the sync worker itself
 async def test_add_source_storage_flow(browser, gateway):
     base = gateway["url"]
-    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    page = await new_page(browser, viewport={"width": 1280, "height": 900})
     await page.goto(f"{base}/ui/")
     await page.locator("#sign-in-token").wait_for(timeout=WAIT)
     await page.screenshot(path=screenshot_path("ui-sign-in"))
@@ -245,7 +252,7 @@ async def test_add_source_storage_flow(browser, gateway):
 async def open_viewer(browser, gateway, project: str):
     """The viewer opened through a link with the token; the token then lives in the cookie only."""
     task = gateway["tasks"][project]
-    page = await browser.new_page(viewport={"width": 1000, "height": 1400})
+    page = await new_page(browser, viewport={"width": 1000, "height": 1400})
     responses: list[Any] = []
     page.on("response", lambda r: responses.append(r))
     errors: list[str] = []
@@ -355,7 +362,7 @@ async def test_viewer_presigned_storage(browser, gateway):
 
 async def test_viewer_refuses_other_tasks(browser, gateway):
     task, other = gateway["tasks"][PROJECT], make_token(tasks=[gateway["tasks"]["9"]])
-    page = await browser.new_page()
+    page = await new_page(browser)
     answer = await page.goto(f"{gateway['url']}/view/tasks/{task}?token={other}")
     assert answer.status == 403 and "does not grant task" in await page.inner_text("body")
     assert not await page.context.cookies()  # a token for another task never becomes the cookie

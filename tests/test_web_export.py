@@ -7,15 +7,20 @@ Kept apart from tests/test_web.py so the rest stays green on a branch without th
 from __future__ import annotations
 
 from .conftest import make_token
-from .test_web import WAIT, field_error, gateway, screenshot_path  # noqa: F401  (gateway is a fixture)
+from .test_web import WAIT, field_error, gateway, new_page, screenshot_path  # noqa: F401  (gateway is a fixture)
 
 TARGET_PROJECT = "7"
 
 
 async def test_add_target_storage_and_sync(browser, gateway):  # noqa: F811
-    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    page = await new_page(browser, viewport={"width": 1280, "height": 900})
+    admin = make_token("root", admin=True)
+    targets = await page.request.get(
+        f"{gateway['url']}/api/storages/export/gcs", headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert targets.status == 200, "this build has no target-storage API (/api/storages/export/gcs) yet"
     await page.goto(f"{gateway['url']}/ui/")
-    await page.fill("#sign-in-token", make_token("root", admin=True))
+    await page.fill("#sign-in-token", admin)
     await page.click("#sign-in-form button[type=submit]")
     await page.locator("#who-name").wait_for(timeout=WAIT)
 
