@@ -19,6 +19,14 @@ async def test_add_target_storage_and_sync(browser, gateway):  # noqa: F811
         f"{gateway['url']}/api/storages/export/gcs", headers={"Authorization": f"Bearer {admin}"}
     )
     assert targets.status == 200, "this build has no target-storage API (/api/storages/export/gcs) yet"
+    # One annotation of the project, so the sync has something to deliver.
+    task = gateway["tasks"][TARGET_PROJECT]
+    recorded = await page.request.put(
+        f"{gateway['url']}/api/tasks/{task}/annotations/1",
+        headers={"Authorization": f"Bearer {admin}", "Content-Type": "application/json"},
+        data='{"result": [{"type": "choices", "value": {"choices": ["cat"]}}]}',
+    )
+    assert recorded.ok, await recorded.text()
     await page.goto(f"{gateway['url']}/ui/")
     await page.fill("#sign-in-token", admin)
     await page.click("#sign-in-form button[type=submit]")
@@ -43,6 +51,7 @@ async def test_add_target_storage_and_sync(browser, gateway):  # noqa: F811
     assert f"gs://{gateway['images']}/annotations" in await row.inner_text()
     await row.get_by_role("button", name="Sync Annotations").click()
     await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    assert "1 delivered" in await row.inner_text()
     await page.screenshot(path=screenshot_path("ui-target-storage"))
 
     page.once("dialog", lambda d: d.accept())
