@@ -87,10 +87,10 @@ def screenshot_path(name: str) -> Path:
 
 
 @pytest.fixture
-async def gateway(request, tmp_path, emulator, aiohttp_server, monkeypatch):
-    """A served gateway (with the in-process sync worker unless the test's param says False): a
-    proxied and a pre-signed storage of MEDIA, a bucket of IMAGES for API storages; one task per
-    media storage."""
+async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
+    """A served gateway: a proxied and a pre-signed storage of MEDIA, a bucket of IMAGES for API
+    storages; one task per media storage. No workers: a test starts those it needs, when it
+    wants them to run."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-adc.json"))
     media_bucket, images_bucket = f"web-{uuid.uuid4().hex[:12]}", f"web-img-{uuid.uuid4().hex[:8]}"
@@ -114,8 +114,9 @@ async def gateway(request, tmp_path, emulator, aiohttp_server, monkeypatch):
             "storage_refresh": 0.2,
         },
         sync={"poll_interval": 0.1},
+        export={"poll_interval": 0.1},
     )
-    app = create_app(settings, sync_worker=getattr(request, "param", True))
+    app = create_app(settings)
     tasks = {}
     for project, bucket in ((PROJECT, media_bucket), ("9", signed_bucket)):
         data = {
@@ -142,7 +143,6 @@ async def field_error(page: Any, dialog: str, field: str) -> str:
     return await locator.inner_text()
 
 
-@pytest.mark.parametrize("gateway", [False], indirect=True)  # the test runs the sync worker itself
 async def test_add_source_storage_flow(browser, gateway):
     base = gateway["url"]
     page = await new_page(browser, viewport={"width": 1280, "height": 900})

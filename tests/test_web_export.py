@@ -6,6 +6,10 @@ Kept apart from tests/test_web.py so the rest stays green on a branch without th
 
 from __future__ import annotations
 
+import asyncio
+
+from gateway.state import CATALOG
+
 from .conftest import make_token
 from .test_web import WAIT, field_error, gateway, new_page, screenshot_path  # noqa: F401  (gateway is a fixture)
 
@@ -49,8 +53,15 @@ async def test_add_target_storage_and_sync(browser, gateway):  # noqa: F811
     row = page.locator("#target-table tbody tr", has_text="Annotations")
     await row.wait_for(timeout=WAIT)
     assert f"gs://{gateway['images']}/annotations" in await row.inner_text()
-    await row.get_by_role("button", name="Sync Annotations").click()
-    await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    from gateway.export.worker import ExportWorker
+
+    worker = ExportWorker(gateway["app"][CATALOG])
+    running = asyncio.create_task(worker.run())
+    try:
+        await row.get_by_role("button", name="Sync Annotations").click()
+        await row.locator(".status[data-status=completed]").wait_for(timeout=WAIT)
+    finally:
+        await worker.stop(running)
     assert "1 delivered" in await row.inner_text()
     await page.screenshot(path=screenshot_path("ui-target-storage"))
 
