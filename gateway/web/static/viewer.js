@@ -7,8 +7,13 @@ const CHUNK = 64 * 1024; // PDF.js asks for the document in pieces of this size
 
 const root = document.getElementById("media");
 
+// Properties are set as such; ARIA names and roles as attributes (they are not all reflected).
 function element(tag, props = {}, ...children) {
-  const el = Object.assign(document.createElement(tag), props);
+  const el = document.createElement(tag);
+  for (const [name, value] of Object.entries(props)) {
+    if (name === "role" || name.startsWith("aria-")) el.setAttribute(name, value);
+    else el[name] = value;
+  }
   el.append(...children);
   return el;
 }
@@ -36,7 +41,7 @@ class RangeTransport extends pdfjs.PDFDataRangeTransport {
 
 async function showPdf(item, box) {
   if (item.size == null) throw new Error("the document cannot be read (see its link)");
-  const canvas = element("canvas", { "aria-label": `${item.name}, page 1` });
+  const canvas = element("canvas", { role: "img", "aria-label": `${item.name}, page 1` });
   const position = element("span", { role: "status" });
   const previous = element("button", { type: "button", textContent: "Previous page" });
   const next = element("button", { type: "button", textContent: "Next page" });
