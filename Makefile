@@ -77,3 +77,16 @@ bench: $(BENCH_STAMP) label-studio
 	@command -v wrk >/dev/null 2>&1 && PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 \
 		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx-light; }
 	$(VENV)/bin/python -m bench $(ARGS)
+
+# PDF.js for the viewer page is committed under gateway/web/static/pdfjs/ (so installs, CI and
+# wheels need no npm). This target re-creates those files from the pinned npm tarball; `npm pack`
+# checks the registry's integrity hash, and `git diff` then shows whether anything changed.
+PDFJS_VERSION ?= 6.5.438
+PDFJS_DIR := gateway/web/static/pdfjs
+
+.PHONY: vendor-pdfjs
+vendor-pdfjs:
+	rm -rf .pdfjs && mkdir .pdfjs
+	cd .pdfjs && npm pack --silent pdfjs-dist@$(PDFJS_VERSION) >/dev/null && tar xzf pdfjs-dist-$(PDFJS_VERSION).tgz
+	cp .pdfjs/package/build/pdf.min.mjs .pdfjs/package/build/pdf.worker.min.mjs .pdfjs/package/LICENSE $(PDFJS_DIR)/
+	rm -rf .pdfjs

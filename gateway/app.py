@@ -48,6 +48,7 @@ from .state import (
 from .storage import StorageError, client_session
 from .uris import BadFileUri
 from .vault import Vault
+from .web import add_web_routes
 
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
@@ -99,6 +100,7 @@ def create_app(
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_view, name="metrics")
     add_api_routes(app)
+    add_web_routes(app)
     add_cors(app, settings.cors, MEDIA_ROUTES)
     app.on_response_prepare.append(_tag_response)
     return app
@@ -295,6 +297,8 @@ class RequestRecorder(AbstractAccessLogger):
         requests.inc()
         sent.inc(response.body_length)
         duration.observe(seconds)
+        if response.status == 206:
+            metrics.PARTIAL_RESPONSES.labels(route).inc()
         app = getattr(request, "app", None)
         if app is not None and app[SETTINGS].server.access_log:
             access_log.info(

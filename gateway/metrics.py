@@ -32,6 +32,9 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=_LATENCY_BUCKETS,
 )
+PARTIAL_RESPONSES = Counter(
+    "gateway_partial_responses_total", "Answers with 206 Partial Content (range requests served)", ["route"]
+)
 ACTIVE_STREAMS = Gauge("gateway_active_streams", "Media bodies being streamed now", multiprocess_mode="livesum")
 UPSTREAM_SECONDS = Histogram(
     "gateway_upstream_request_duration_seconds",

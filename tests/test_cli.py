@@ -115,6 +115,11 @@ async def test_demo_is_idempotent_and_its_printed_urls_work(tmp_path, aiohttp_cl
         response = await client.get(url)  # token in the query string, as a browser would send it
         assert response.status == 200, url
         assert int(response.headers["Content-Length"]) > 1000
+    viewer = re.search(r"http://127.0.0.1:8080(/view/tasks/\d+\?token=\S+)", banner)
+    assert viewer is not None
+    response = await client.get(viewer.group(1), allow_redirects=False)
+    assert response.status == 303 and response.cookies["gateway_token"].value == token
+    assert (await client.get("/ui/")).status == 200
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -123,6 +123,7 @@ PROTECTED = [
     ("GET", STORAGES),
     ("POST", STORAGES),
     ("POST", f"{STORAGES}/validate"),
+    ("POST", f"{STORAGES}/preview"),
     ("GET", f"{STORAGES}/cfg"),
     ("PATCH", f"{STORAGES}/cfg"),
     ("DELETE", f"{STORAGES}/cfg"),
@@ -488,6 +489,32 @@ async def test_garbage_credentials_are_named_never_echoed(world, value):
     assert [s["id"] for s in await api.call("GET", STORAGES, 200)] == ["cfg"]
 
 
+async def test_session_cookie_needs_csrf_and_same_origin_on_writes(world):
+    """The settings page's cookie works for reads; writes need X-CSRF-Token and this host's Origin."""
+    from gateway.api.auth import CSRF_HEADER, SESSION_COOKIE, csrf_token
+
+    api = await world()
+    admin = make_token("root", admin=True)
+    cookies = {SESSION_COOKIE: admin}
+    assert await api.call("GET", STORAGES, 200, headers={}, cookies=cookies)
+    origin = f"http://{api.client.server.host}:{api.client.server.port}"
+    body = {"project": API_PROJECT, "bucket": api.bucket}
+    good = {CSRF_HEADER: csrf_token(admin), "Origin": origin}
+    for headers, reason in (
+        ({}, "cross_origin"),
+        ({"Origin": origin}, "csrf_failed"),
+        ({"Origin": origin, CSRF_HEADER: csrf_token(make_token("root", admin=True, ttl=601))}, "csrf_failed"),
+        ({**good, "Origin": "http://evil.example"}, "cross_origin"),
+    ):
+        answer = await api.call("POST", STORAGES, 403, body, headers=headers, cookies=cookies)
+        assert answer["error"] == reason
+    created = await api.call("POST", STORAGES, 201, body, headers=good, cookies=cookies)
+    await api.call("DELETE", f"{STORAGES}/{created['id']}", 204, headers=good, cookies=cookies)
+    user = make_token("bob", tasks="*")
+    refused = await api.call("GET", STORAGES, 403, headers={}, cookies={SESSION_COOKIE: user})
+    assert refused["error"] == "not_admin"
+
+
 # -- "Test connection" and "Load preview" ------------------------------------------------------
 
 
@@ -549,6 +576,30 @@ async def test_preview_blob_mode(world):
     missing = await api.create(bucket="no-such-bucket-at-all")
     answer = await api.call("POST", f"{STORAGES}/{missing['id']}/preview", 400)
     assert answer["error"] == "bucket_not_found"
+
+
+async def test_preview_of_unsaved_settings(world, credentials):
+    """The Add Source Storage form previews before anything is saved; errors name their field."""
+    api = await world()
+    fields = {"project": API_PROJECT, "bucket": api.bucket, "prefix": "images", "regex_filter": r".*\.jpg"}
+    preview = await api.call("POST", f"{STORAGES}/preview", 200, {**fields, "limit": 2})
+    assert preview["keys"] == ["images/a.jpg", "images/b.jpg"]
+    assert preview["tasks"][0] == {"data": {"$undefined$": f"gs://{api.bucket}/images/a.jpg"}}
+    assert (await api.call("GET", STORAGES, 200, params={"project": API_PROJECT})) == []  # nothing saved
+    missing = await api.call("POST", f"{STORAGES}/preview", 400, {**fields, "bucket": "no-such-bucket-at-all"})
+    assert missing["error"] == "bucket_not_found" and set(missing["validation_errors"]) == {"bucket"}
+    bad = await api.call("POST", f"{STORAGES}/preview", 400, {**fields, "regex_filter": "(", "limit": 0})
+    assert set(bad["validation_errors"]) == {"limit"}  # the limit first, then the fields
+    bad = await api.call("POST", f"{STORAGES}/preview", 400, {**fields, "regex_filter": "("})
+    assert set(bad["validation_errors"]) == {"regex_filter"}
+    bad = await api.call("POST", f"{STORAGES}/preview", 400, {**fields, "google_application_credentials": "{oops"})
+    assert set(bad["validation_errors"]) == {"google_application_credentials"}
+    # A stored storage with changes (`id`), as validate takes it.
+    stored = await api.create(**fields, google_application_credentials=credentials["json"])
+    changed = await api.call("POST", f"{STORAGES}/preview", 200, {"id": stored["id"], "regex_filter": ""})
+    assert "images/notes.txt" in changed["keys"]
+    await api.call("POST", f"{STORAGES}/preview", 404, {"id": 999_999})
+    assert credentials["pem_line"] not in "".join(api.answers)
 
 
 async def test_preview_task_files(world):

@@ -21,7 +21,7 @@ from ..errors import Refused
 from ..registry.sql import empty_counters
 from ..signer import SigningError, build_signer, resolve_identity
 from ..state import CATALOG, REGISTRY, SYNC_WORKER
-from ..storage import BucketNotFound, StorageError, build_backend, load_storage_credential
+from ..storage import Backend, BucketNotFound, StorageError, build_backend, load_storage_credential
 from ..storage.base import UpstreamDenied
 from ..storage.credentials import CredentialsError
 from ..sync.engine import preview
@@ -77,6 +77,7 @@ def add_storage_routes(app: web.Application) -> None:
     app.router.add_get(base, list_storages, name="api_storages")
     app.router.add_post(base, create_storage, name="api_storage_create")
     app.router.add_post(base + "/validate", validate_storage, name="api_storage_validate")
+    app.router.add_post(base + "/preview", preview_unsaved, name="api_storage_preview_unsaved")
     app.router.add_get(one, get_storage, name="api_storage")
     app.router.add_patch(one, update_storage, name="api_storage_update")
     app.router.add_delete(one, delete_storage, name="api_storage_delete")
@@ -225,13 +226,7 @@ async def delete_storage(request: web.Request) -> web.Response:
 async def validate_storage(request: web.Request) -> web.Response:
     """ "Test connection": the fields, the credentials, then the bucket with a one-object listing."""
     await require_admin(request)
-    body = await _body(request)
-    current = None
-    if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
-        current = await _storage(request, str(body["id"]))
-        await refuse_unreadable_credentials(request, body, current, request.app[CATALOG].sources)
-    values = await _checked(request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None)
-    storage = _as_settings(values, current)
+    storage = await _unsaved(request, await _body(request))
     await _try_connection(request, storage)
     return web.json_response({"ok": True, "message": f"bucket {storage.bucket} can be listed with these settings"})
 
@@ -240,11 +235,39 @@ async def preview_storage(request: web.Request) -> web.Response:
     await require_admin(request)
     storage = await _storage(request)
     body = await _body(request, allow_empty=True)
+    return await _preview(storage, request.app[CATALOG].backend(storage), _limit(body))
+
+
+async def preview_unsaved(request: web.Request) -> web.Response:
+    """ "Load preview" of a form not saved yet (or a stored storage with changes), as validate takes it."""
+    await require_admin(request)
+    body = await _body(request)
+    limit = _limit(body)
+    storage = await _unsaved(request, {k: v for k, v in body.items() if k != "limit"})
+    backend, _ = await _connect(request, storage)
+    return await _preview(storage, backend, limit)
+
+
+async def _unsaved(request: web.Request, body: dict[str, Any]) -> StorageSettings:
+    """Settings from a form (`id`: a stored storage with these changes), checked, saving nothing."""
+    current = None
+    if body.get("id") is not None:  # editing a stored storage: its credentials unless new ones are given
+        current = await _storage(request, str(body["id"]))
+        await refuse_unreadable_credentials(request, body, current, request.app[CATALOG].sources)
+    values = await _checked(request, {k: v for k, v in body.items() if k != "id"}, partial=current is not None)
+    return _as_settings(values, current)
+
+
+def _limit(body: dict[str, Any]) -> int:
     limit = body.get("limit", 20)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100:
         raise Invalid({"limit": "expected an integer from 1 to 100"})
+    return limit
+
+
+async def _preview(storage: StorageSettings, backend: Backend, limit: int) -> web.Response:
     try:
-        answer = await preview(storage, request.app[CATALOG].backend(storage), limit)
+        answer = await preview(storage, backend, limit)
     except StorageError as exc:
         raise _connection_refusal(exc, storage) from None
     return web.json_response(answer)
@@ -493,18 +516,24 @@ def _as_settings(
     return cls(id=current.id if current else "validate", type="gcs", **merged)
 
 
-async def _try_connection(request: web.Request, storage: StorageSettings) -> None:
+async def _connect(request: web.Request, storage: StorageSettings) -> tuple[Backend, Any]:
+    """A backend for unsaved settings and its credentials; ones google-auth refuses name their field."""
     catalog = request.app[CATALOG]
     try:
         credentials = await asyncio.to_thread(load_storage_credential, storage, None)
     except CredentialsError as exc:
         message = _credentials_problem(exc, storage.google_application_credentials)
         raise Invalid({SECRET: message}, "bad_credentials") from None
-    backend = build_backend(catalog.settings, storage, catalog.session, credentials)
+    return build_backend(catalog.settings, storage, catalog.session, credentials), credentials
+
+
+async def _try_connection(request: web.Request, storage: StorageSettings) -> None:
+    backend, credentials = await _connect(request, storage)
     try:
         await backend.list_page(storage.prefix, storage.recursive_scan, None, 1)
     except StorageError as exc:
         raise _connection_refusal(exc, storage) from None
+    catalog = request.app[CATALOG]
     if storage.presign and credentials is not None:
         try:
             signer, token_source = build_signer(credentials, catalog.session, catalog.settings.upstream.iam_endpoint)

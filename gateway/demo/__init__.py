@@ -73,7 +73,13 @@ def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
         url = f"{base}/tasks/{task_id}/resolve/?fileuri={encode_fileuri(SAMPLES[name][_media_field(name)])}"
         first_url = first_url or url
         lines.append(f"  task {task_id} {name:<13} {url}&token={quote(token)}")
+    first_task = next(iter(task_ids.values()))
     lines += [
+        "",
+        "Web pages (README: Web pages):",
+        f"  viewer of task {first_task}: {base}/view/tasks/{first_task}?token={quote(token)}",
+        f"  Cloud Storage settings: {base}/ui/  (sign in with this admin token, 24 h:)",
+        f"  {admin}",
         "",
         "Fetch the first KiB of the video with a bearer token:",
         f"  curl -s -D - -o /dev/null -r 0-1023 -H 'Authorization: Bearer {token}' \\\n"
