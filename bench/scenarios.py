@@ -157,8 +157,12 @@ class Context:
         validate: Callable[[Target, WrkRun], None],
         *,
         after_warmup: Callable[[], None] | None = None,
+        after_run: Callable[[Target, WrkRun], None] | None = None,
     ) -> None:
-        """Warm every target up once, then rounds of A B C …: every target once per round."""
+        """Warm every target up once, then rounds of A B C …: every target once per round.
+
+        `after_run` is called after each measured run (after `validate` and the log line), before
+        the next target starts: e.g. to let work a run left behind finish outside the next run."""
         for target in targets:
             if self.warmup > 0:
                 result.warmups.append(run_wrk(self.wrk, spec(target), self.warmup, self.workdir, target.name, 0))
@@ -176,6 +180,8 @@ class Context:
                     f"{run.mb_per_s:9.1f} MB/s  p50 {run.latency_ms.get('p50', 0):8.2f} ms "
                     f"p99 {run.latency_ms.get('p99', 0):8.2f} ms{flag}"
                 )
+                if after_run is not None:
+                    after_run(target, run)
 
     def sample(self, result: ScenarioResult, phase: str, checks: Iterable[Check]) -> None:
         for check in checks:
