@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psutil
+
 from .bare import WEBHOOK_ANSWER, WEBHOOK_PATH
 from .checks import Check
 from .postgres import PostgresCluster, unavailable_reason
@@ -342,6 +344,7 @@ class Variant:
     label: str  # SQLite | PostgreSQL
     exporting: WebhookGateway
     recording: WebhookGateway
+    database_pid: int | None = None  # the PostgreSQL postmaster (its backends are its children)
     drains: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -408,6 +411,20 @@ def conformance(emulator: Emulator, stand_in: SynthGcs) -> Check:
 
 
 # ---------------------------------------------------------------- the scenario
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its descendants so far (0 without a process)."""
+    total = 0.0
+    if pid is None:
+        return total
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                total += times.user + times.system
+    return total
 
 
 def _probe(gateway: WebhookGateway) -> RegistryProbe:
@@ -478,6 +495,7 @@ def webhook_ingest(ctx: Context) -> ScenarioResult:
         ctx.sample(result, "before", [conformance(ctx.emulator, stand_in)])
 
         registries = [("sqlite", "SQLite", lambda role: f"sqlite:///{ctx.workdir / f'webhooks-{role}.db'}")]
+        cluster: PostgresCluster | None = None
         if options.postgres:
             reason = unavailable_reason()
             if reason is None:
@@ -503,7 +521,8 @@ def webhook_ingest(ctx: Context) -> ScenarioResult:
                 )
                 stack.callback(gateway.stop)
                 gateways.append(gateway)
-            variants.append(Variant(group, label, *gateways))
+            database_pid = cluster.process.pid if group == "pg" and cluster and cluster.process else None
+            variants.append(Variant(group, label, *gateways, database_pid=database_pid))
         ctx.log(
             f"  [7] export stand-in :{stand_in.port}; "
             + ", ".join(
@@ -541,11 +560,18 @@ def _measure(
 
     runs_seq = itertools.count(1)
     next_base: dict[str, int] = {}
+    cpu_at_start: dict[str, tuple[float, float]] = {}
     per_run: list[dict[str, Any]] = []
+
+    def cpu(name: str) -> tuple[float, float]:
+        """CPU seconds so far of a gateway (supervisor + workers) and of its PostgreSQL server."""
+        return cpu_seconds(gateway_of[name].service.pid), cpu_seconds(variant_of[name].database_pid)
 
     def spec(target: Target) -> WrkSpec:
         base = next(runs_seq) * RUN_STRIDE
         next_base[target.name] = base
+        if target.name in gateway_of:
+            cpu_at_start[target.name] = cpu(target.name)
         return WrkSpec(
             target.port,
             WEBHOOK_PATH,
@@ -565,13 +591,16 @@ def _measure(
         if target.name not in gateway_of:
             return
         gateway = gateway_of[target.name]
+        (gw_cpu, db_cpu), (gw_cpu0, db_cpu0) = cpu(target.name), cpu_at_start[target.name]
         base = next_base[target.name]
         rows = _settled_count(_probe(gateway), base, base + RUN_STRIDE)
         answered, sent = run.statuses.get(200, 0), run.counts.get("sent", 0)
         ok = answered <= rows <= min(sent, answered + CONNECTIONS)
         detail = f"{rows} rows for {answered} answers 200 and {sent} requests sent"
         entry: dict[str, Any] = {"target": target.name, "round": run.round, "base": base, "rows": rows}
-        entry.update(answered=answered, sent=sent)
+        entry.update(
+            answered=answered, sent=sent, run_s=run.duration_s, cpu_s=gw_cpu - gw_cpu0, database_cpu_s=db_cpu - db_cpu0
+        )
         check = Check("7", f"round {run.round}", target.name, "registry rows = answered (+ in flight)", ok, detail)
         ctx.sample(result, f"round {run.round}", [check])
         if gateway.export_worker:
@@ -665,6 +694,7 @@ def _final_checks(ctx: Context, result: ScenarioResult, variants: list[Variant],
 
 def _rows(ctx: Context, result: ScenarioResult, variants: list[Variant]) -> None:
     failed = result.failed_targets()
+    per_run: list[dict[str, Any]] = result.extra["per_run"]
     suspect = "stand-in" in failed  # export figures only: the ingest does not touch the stand-in
     rps = {name: median(r.rps for r in runs) for name, runs in result.runs.items()}
 
@@ -734,6 +764,19 @@ def _rows(ctx: Context, result: ScenarioResult, variants: list[Variant]) -> None
                 decimals=1,
             ),
         ]
+        for name, what in ((gw, "export on"), (rec, "recorded only")):
+            entries = [e for e in per_run if e["target"] == name and e["answered"]]
+            busy = median(e["cpu_s"] / e["run_s"] for e in entries if e["run_s"])
+            database = median(1000 * e["database_cpu_s"] / e["answered"] for e in entries)
+            where = f"; PostgreSQL server {database:.1f} ms" if v.database_pid is not None and database else ""
+            result.rows.append(
+                Row(
+                    f"{v.label} {what}: gateway CPU ms per answer (CPU s per s {busy or 0:.2f}{where}), info",
+                    {"gateway": median(1000 * e["cpu_s"] / e["answered"] for e in entries)},
+                    failed=bad if name == gw else bad_rec,
+                    decimals=2,
+                )
+            )
         measured = [d for d in v.drains if d["round"] > 0]
         bad_export = bad | ({"gateway"} if suspect else set())
         done = [d for d in measured if d["seconds"] is not None]
@@ -779,6 +822,14 @@ def _rows(ctx: Context, result: ScenarioResult, variants: list[Variant]) -> None
             ),
         ]
         result.extra.setdefault("drains", {})[v.group] = v.drains
+        for name in v.names:
+            late = [r for r in result.runs.get(name, []) if r.latency_ms.get("max", 0.0) >= TIMEOUT_MS]
+            if late:
+                result.notes.append(
+                    f"{name}: the slowest answer of round(s) {', '.join(str(r.round) for r in late)} took "
+                    f"{max(r.latency_ms['max'] for r in late):,.0f} ms, past Label Studio's 1 s timeout (that "
+                    "event would be lost to the export)"
+                )
     result.notes.append(
         "p99 targets use the worst round's p99; the export target storage is bench/synthgcs.py (fake-gcs-server's "
         "in-memory backend slows down as a bucket fills; its answers to the export worker's calls are checked "
