@@ -414,7 +414,11 @@ def conformance(emulator: Emulator, stand_in: SynthGcs) -> Check:
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU of a process and its descendants so far (0 without a process)."""
+    """User + system CPU of a process and its descendants so far (0 without a process).
+
+    The reaped children's share counts too: PostgreSQL's backends come and go (the harness's own
+    registry queries open and close connections), and a backend that exits moves its CPU time
+    into the postmaster's children times, so the sum never goes backwards."""
     total = 0.0
     if pid is None:
         return total
@@ -423,7 +427,7 @@ def cpu_seconds(pid: int | None) -> float:
         for process in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
                 times = process.cpu_times()
-                total += times.user + times.system
+                total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
