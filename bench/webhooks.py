@@ -43,6 +43,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -296,17 +297,19 @@ prefix = "{prefix}"
             stop_signal=signal.SIGTERM,
             stdout_file=True,
         )
-        wait_until(lambda: answers(self.port, "/healthz", 200), 60, f"the {name} gateway to answer", self.service)
-        wait_until(
-            lambda: listening_processes(self.service, self.port) >= workers,
-            30,
-            f"{workers} {name} gateway worker(s) to listen",
-            self.service,
-        )
+        try:
+            wait_until(lambda: answers(self.port, "/healthz", 200), 60, f"the {name} gateway to answer", self.service)
+            wait_until(
+                lambda: listening_processes(self.service, self.port) >= workers,
+                30,
+                f"{workers} {name} gateway worker(s) to listen",
+                self.service,
+            )
+        except BaseException:
+            self.service.stop()
+            raise
 
     def _cli(self, *args: str) -> str:
-        import subprocess
-
         done = subprocess.run(
             [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
             capture_output=True,
