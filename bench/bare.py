@@ -2,6 +2,8 @@
 
 Same shape as `gateway serve`: N forked workers each binding the port with SO_REUSEPORT, uvloop,
 no access log. The handler returns a small fixed body and ignores the request headers.
+`POST /api/webhooks/label-studio` (scenario 7) reads the whole request body and answers the
+gateway's webhook answer for one new annotation, the same JSON bytes, without parsing or recording.
 
     python -m bench.bare --port 8099 --workers 2
 """
@@ -18,15 +20,24 @@ import signal
 from aiohttp import web
 
 BODY = b"ok\n"
+WEBHOOK_PATH = "/api/webhooks/label-studio"
+# What the gateway answers one ANNOTATION_CREATED of a new annotation (aiohttp's json_response).
+WEBHOOK_ANSWER = b'{"status": "recorded", "action": "ANNOTATION_CREATED", "count": 1, "versions": [1]}'
 
 
 async def handle(_request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="text/plain")
 
 
+async def handle_webhook(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=WEBHOOK_ANSWER, content_type="application/json")
+
+
 def make_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", handle)
+    app.router.add_post(WEBHOOK_PATH, handle_webhook)
     return app
 
 

@@ -4,7 +4,8 @@ Starts fake-gcs-server (seeded with a 50 MiB and a 2 GiB object, and a 64 KiB ob
 bucket that the gateway answers with signed-URL redirects), the gateway from the working
 tree, an nginx reference proxy and a bare aiohttp server; runs the selected scenarios with their
 targets in alternation (scenario 6 runs `gateway sync` against a synthetic 100,000-object bucket
-and a JSONL task file instead); prints one table and writes bench/results/latest.{json,png}.
+and a JSONL task file instead; scenario 7 posts Label Studio webhooks to gateways of its own,
+exporting to a stand-in bucket); prints one table and writes bench/results/latest.{json,png}.
 Every process is torn down and the temporary directory removed, also on Ctrl-C.
 Exit code: 0, or 1 when a correctness check failed (or, with --strict, a target was missed),
 2 when the benchmark could not be set up.
@@ -35,9 +36,11 @@ from .procs import ROOT, Bare, BenchError, Emulator, Gateway, Nginx, ensure_tool
 from .report import chart, problems, table, write_json
 from .scenarios import NOT_YET, SCENARIOS, Context, ScenarioResult, Target
 from .sync_import import SyncOptions
+from .webhooks import WebhookOptions
 
-DEFAULT_SCENARIOS = "1,2,3,4,5,6"
+DEFAULT_SCENARIOS = "1,2,3,4,5,6,7,8"
 SERVING_SCENARIOS = {"1", "2", "3", "4", "5"}  # the ones that need the gateway, nginx and bare servers
+BARE_SCENARIOS = SERVING_SCENARIOS | {"7"}  # scenario 7 starts its own gateways but needs the bare server
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sync.add_argument("--big-jsonl", action="store_true", help="a 1,000 MB JSONL task file (4,000,000 lines)")
     sync.add_argument(
         "--sync-postgres", action="store_true", help="also sync into a throwaway PostgreSQL cluster (Debian's binaries)"
+    )
+    hooks = parser.add_argument_group("scenario 7 (webhook ingest)")
+    hooks.add_argument(
+        "--webhook-postgres",
+        action="store_true",
+        help="also measure gateways whose registry is a throwaway PostgreSQL cluster (Debian's binaries)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results", help="results directory (default bench/results)"
@@ -130,9 +139,10 @@ def machine_info(args: argparse.Namespace, tools: dict[str, str]) -> dict[str, A
 
 def planned_seconds(args: argparse.Namespace) -> int:
     """A rough upper bound on the measuring time, to keep the metadata cache warm throughout."""
-    runs = {"1": 3, "2": 3, "3": 2, "4": 2, "5": 1}
+    runs = {"1": 3, "2": 3, "3": 2, "4": 2, "5": 1, "7": 5 if args.webhook_postgres else 3, "8": 2}
     per = sum(runs.get(s, 0) for s in args.selected)
-    return per * (args.rounds * args.duration + args.warmup) + 120
+    drains = 30 * args.rounds if "7" in args.selected else 0  # scenario 7 waits for its exports between runs
+    return per * (args.rounds * args.duration + args.warmup) + drains + 120
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         emulator = Emulator(workdir)
         stack.callback(emulator.stop)
         serving = bool(SERVING_SCENARIOS & set(args.selected))
+        bare: Bare | None = None
         objects: dict[str, Any] = {}
         gateway: Gateway | None = None
         nginx: Nginx | None = None
@@ -193,6 +204,14 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 "bare": Target("bare", bare.port, lambda _o: "/"),
             }
+        elif BARE_SCENARIOS & set(args.selected):  # scenario 7 without 1-5: only its reference
+            bare = Bare(workdir, args.workers)
+            stack.callback(bare.stop)
+            targets = {"bare": Target("bare", bare.port, lambda _o: "/")}
+            log(
+                f"bench: emulator :{emulator.port}, bare aiohttp :{bare.port} (no media gateway or nginx: only "
+                "scenarios 6 and 7 selected)"
+            )
         else:
             log(f"bench: emulator :{emulator.port} (no shared gateway, nginx or bare server: none of 1-5 selected)")
         ctx = Context(
@@ -208,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             log=log,
             emulator=emulator,
             sync=SyncOptions(objects=args.sync_objects, jsonl_mb=args.jsonl_mb, postgres=args.sync_postgres),
+            webhooks=WebhookOptions(workers=args.workers, postgres=args.webhook_postgres, access_log=args.access_log),
         )
         not_yet = {sid for sid, scenario in SCENARIOS.items() if scenario.run is None}
         for sid in sorted(set(args.selected) | not_yet):
@@ -263,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             "sync_objects": args.sync_objects,
             "jsonl_mb": args.jsonl_mb,
             "sync_postgres": args.sync_postgres,
+            "webhook_postgres": args.webhook_postgres,
         },
         "machine": machine,
         "objects": object_summary,

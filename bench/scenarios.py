@@ -1,7 +1,8 @@
 """The scenarios, registered by number. Each returns a ScenarioResult: table rows, chart bars,
 the raw runs and the correctness checks.
 
-Scenario 6 (sync import) is in bench/sync_import.py. To add one, write
+Scenario 6 (sync import) is in bench/sync_import.py, scenario 7 (webhook ingest) in
+bench/webhooks.py. To add one, write
 `def my_scenario(ctx: Context) -> ScenarioResult` and put it in SCENARIOS (a scenario registered
 with None is listed as "not yet available").
 """
@@ -26,6 +27,7 @@ from .wrk import WrkProcess, WrkRun, WrkSpec, expect, run_wrk
 
 if TYPE_CHECKING:
     from .sync_import import SyncOptions
+    from .webhooks import WebhookOptions
 
 SPAN = 65536
 NOT_YET = "not yet available"
@@ -140,11 +142,12 @@ class Context:
     warmup: int
     objects: dict[str, SeededObject]
     targets: dict[str, Target]
-    gateway: Gateway | None  # None when only scenario 6 runs
+    gateway: Gateway | None  # None when only scenarios 6 and 7 run
     emulator_url: str = ""  # http://host:port of fake-gcs-server: where signed URLs must point
     log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
     emulator: Emulator | None = None  # fake-gcs-server (scenario 6 uploads its JSONL task file there)
     sync: SyncOptions | None = None  # scenario 6's sizes and registries
+    webhooks: WebhookOptions | None = None  # scenario 7's workers and registries
 
     def pick(self, *names: str) -> list[Target]:
         return [self.targets[n] for n in names]
@@ -157,8 +160,12 @@ class Context:
         validate: Callable[[Target, WrkRun], None],
         *,
         after_warmup: Callable[[], None] | None = None,
+        after_run: Callable[[Target, WrkRun], None] | None = None,
     ) -> None:
-        """Warm every target up once, then rounds of A B C …: every target once per round."""
+        """Warm every target up once, then rounds of A B C …: every target once per round.
+
+        `after_run` is called after each measured run (after `validate` and the log line), before
+        the next target starts: e.g. to let work a run left behind finish outside the next run."""
         for target in targets:
             if self.warmup > 0:
                 result.warmups.append(run_wrk(self.wrk, spec(target), self.warmup, self.workdir, target.name, 0))
@@ -176,6 +183,8 @@ class Context:
                     f"{run.mb_per_s:9.1f} MB/s  p50 {run.latency_ms.get('p50', 0):8.2f} ms "
                     f"p99 {run.latency_ms.get('p99', 0):8.2f} ms{flag}"
                 )
+                if after_run is not None:
+                    after_run(target, run)
 
     def sample(self, result: ScenarioResult, phase: str, checks: Iterable[Check]) -> None:
         for check in checks:
@@ -727,6 +736,13 @@ def _sync_import(ctx: Context) -> ScenarioResult:
     return sync_import(ctx)
 
 
+def _webhook_ingest(ctx: Context) -> ScenarioResult:
+    """Scenario 7 lives in bench/webhooks.py."""
+    from .webhooks import webhook_ingest
+
+    return webhook_ingest(ctx)
+
+
 SCENARIOS: dict[str, Scenario] = {
     "1": Scenario("1", "64 KiB range GETs", range_gets),
     "2": Scenario("2", "whole-object GETs", whole_gets),
@@ -734,6 +750,7 @@ SCENARIOS: dict[str, Scenario] = {
     "4": Scenario("4", "revalidation (304)", revalidation),
     "5": Scenario("5", "memory under streams", memory),
     "6": Scenario("6", "sync import", _sync_import),
+    "7": Scenario("7", "webhook ingest", _webhook_ingest),
     "8": Scenario("8", "Label Studio drop-in", _label_studio),
 }
 

@@ -244,6 +244,10 @@ class RegistryProbe:
         except Exception as exc:  # asyncpg's errors, timeouts: the check reports them
             raise BenchError(f"reading the registry: {type(exc).__name__}: {exc}") from exc
 
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows of one statement (`?` placeholders, numbered for PostgreSQL)."""
+        return self._query(sql, *params)
+
     def task_state(self, storage: str) -> dict[str, Any]:
         """Count, sum of ids and latest write time of a storage's tasks: unchanged means untouched."""
         count, id_sum, last = self._query(
@@ -296,13 +300,16 @@ class RegistryProbe:
 
 
 class SynthGcs:
-    """bench/synthgcs.py in its own process, holding SYNC_BUCKET."""
+    """bench/synthgcs.py in its own process, holding one bucket (SYNC_BUCKET unless told)."""
 
-    def __init__(self, workdir: Path, count: int) -> None:
+    def __init__(
+        self, workdir: Path, count: int, *, bucket: str = SYNC_BUCKET, prefix: str = SYNC_PREFIX, name: str = "synthgcs"
+    ) -> None:
         self.port = free_port()
+        self.bucket = bucket
         started = time.perf_counter()
         self.service = Service(
-            "synthgcs",
+            name,
             [
                 sys.executable,
                 "-m",
@@ -312,9 +319,9 @@ class SynthGcs:
                 "--port",
                 str(self.port),
                 "--bucket",
-                SYNC_BUCKET,
+                bucket,
                 "--prefix",
-                SYNC_PREFIX,
+                prefix,
                 "--count",
                 str(count),
             ],
@@ -322,10 +329,10 @@ class SynthGcs:
             cwd=ROOT,
         )
         wait_until(
-            lambda: answers(self.port, f"/storage/v1/b/{SYNC_BUCKET}", 200), 120, "the synthetic bucket", self.service
+            lambda: answers(self.port, f"/storage/v1/b/{bucket}", 200), 120, "the synthetic bucket", self.service
         )
         self.seconds = time.perf_counter() - started
-        self.keys = [synthgcs.key_name(SYNC_PREFIX, i) for i in range(count)]  # what it holds under the prefix
+        self.keys = [synthgcs.key_name(prefix, i) for i in range(count)]  # what it holds under the prefix
         self.next_index = count
 
     @property

@@ -2,7 +2,8 @@
 
 Every run gets a script assembled from bench/lua/ pieces ending with summary.lua, whose done()
 prints one `BENCH_JSON {...}` line: requests, bytes read, socket errors, non-2xx/3xx count,
-latency percentiles and (where statuses.lua is included) a count per status. wrk's human output
+latency percentiles, (where statuses.lua is included) a count per status and a script's own
+counters (`bench_counts`, e.g. webhook.lua's generated and recorded requests). wrk's human output
 is kept alongside for the record.
 """
 
@@ -45,6 +46,7 @@ class WrkRun:
     errors: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # a script's own counters (bench_counts)
     problems: list[str] = field(default_factory=list)
     output: str = ""
 
@@ -68,6 +70,7 @@ class WrkRun:
             "errors": self.errors,
             "latency_ms": self.latency_ms,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "counts": self.counts,
             "problems": self.problems,
         }
 
@@ -139,6 +142,7 @@ def parse(output: str, returncode: int | None, target: str, round_: int) -> WrkR
     run.errors = {k: int(v) for k, v in data["errors"].items()}
     run.latency_ms = {k: round(v / 1000, 3) for k, v in data["latency_us"].items()}
     run.statuses = {int(k): int(v) for k, v in data["statuses"].items()}
+    run.counts = {k: int(v) for k, v in data.get("counts", {}).items()}
     socket_errors = {k: v for k, v in run.errors.items() if k != "status" and v}
     if socket_errors:
         run.problems.append("socket errors: " + ", ".join(f"{k} {v}" for k, v in socket_errors.items()))
