@@ -25,6 +25,7 @@ from .errors import Refused
 from .netguard import ClientGuard, StreamLimiter
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, open_registry
+from .registry.outbox import Outbox, Recorder
 from .registry.sql import SqlTaskRegistry
 from .state import (
     CATALOG,
@@ -35,6 +36,7 @@ from .state import (
     LIMITER,
     MODE,
     READINESS,
+    RECORDER,
     REGISTRY,
     REQUEST_ID,
     SETTINGS,
@@ -84,6 +86,7 @@ def create_app(
     app[TASKS] = TaskCache(app[REGISTRY], settings.registry)
     app[SYNC_WORKER] = None
     app[EXPORT_WORKER] = None
+    app[RECORDER] = Recorder(Outbox(app[REGISTRY]))
     app.cleanup_ctx.append(_upstream_context)
     if workers:
         app.cleanup_ctx.append(_workers_context)

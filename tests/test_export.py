@@ -31,7 +31,7 @@ from gateway.app import create_app
 from gateway.export.worker import ExportWorker, object_bytes
 from gateway.registry.outbox import Outbox
 from gateway.registry.sql import SqlTaskRegistry
-from gateway.state import CATALOG, EXPORT_WORKER, REGISTRY, SETTINGS
+from gateway.state import CATALOG, EXPORT_WORKER, RECORDER, REGISTRY, SETTINGS
 
 from .conftest import build_settings, free_port, make_token
 from .test_api_openapi import check_answer
@@ -552,6 +552,35 @@ async def test_versions_recorded_quickly_end_with_the_last(export_world):
     await world.post(deleted(902))
     await world.post(updated(902, 92, "back"))  # recreated after the delete: the update wins
     assert (await world.content(902))["result"][0]["value"]["choices"] == ["back"]
+
+
+async def test_concurrent_events_share_transactions_and_a_refused_one_fails_alone(export_world):
+    """Group commit: requests that arrive while a transaction is written are recorded together,
+    in order per annotation; a batch the database refuses is retried request by request."""
+    world = await export_world(workers=False)
+    recorder = world.app[RECORDER]
+    batches: list[list[int]] = []
+    original = recorder.outbox.record_many
+
+    async def refusing(items: Any) -> Any:  # the database refusing one request's data
+        batches.append([event[0] for _, events, _ in items for event in events])
+        if any(event[0] == 1999 for _, events, _ in items for event in events):
+            raise ValueError("the database refuses this row")
+        return await original(items)
+
+    recorder.outbox.record_many = refusing
+    posts = [world.post(created(1900 + n, 190, "first")) for n in range(30)]
+    posts += [world.post(updated(1900 + n, 190, "second")) for n in range(30)]
+    refused = world.client.post(HOOK, data=json.dumps(created(1999, 190)), headers=GOOD)
+    *answers, bad = await asyncio.gather(*posts, refused)
+    assert bad.status == 500 and (await bad.json())["error"] == "internal_error"
+    assert max(len(batch) for batch in batches) > 1  # some requests shared a transaction
+    assert [a["versions"] for a in answers[:60]] == [[1]] * 30 + [[2]] * 30
+    for n in range(30):
+        state = await world.outbox.state(1900 + n)
+        assert state.version == 2 and state.body["result"][0]["value"]["choices"] == ["second"]
+    assert await world.outbox.state(1999) is None
+    assert (await world.status())["pending"] == 30
 
 
 class GatedBackend:

@@ -14,8 +14,7 @@ from aiohttp import web
 
 from .. import metrics, strictjson
 from ..errors import Refused
-from ..registry.outbox import Outbox
-from ..state import EXPORT_WORKER, REGISTRY, SETTINGS
+from ..state import EXPORT_WORKER, RECORDER, REGISTRY, SETTINGS
 from .auth import require_admin
 
 CREATE_OR_UPDATE = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
@@ -69,7 +68,7 @@ def _listed(value: Any, where: str) -> list[dict[str, Any]]:
 
 async def _record(request: web.Request, project: str, events: list[tuple[int, int | None, Any]]) -> list[int]:
     targets = [t.id for t in request.app[SETTINGS].export_storages if t.project == project]
-    versions = await Outbox(request.app[REGISTRY]).record(project, events, targets)  # + API targets
+    versions = await request.app[RECORDER].record(project, events, targets)  # + API targets, group-committed
     worker = request.app[EXPORT_WORKER]
     if worker is not None:
         worker.wake()

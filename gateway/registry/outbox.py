@@ -10,6 +10,7 @@ workers never upload the same annotation to the same storage at once (the lease)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,11 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import RegistryUnavailable
 from .schema import annotations_table, deliveries_table, export_storages_table
 from .sql import SqlTaskRegistry, _to_the_end
+
+Batch = tuple[str, list[tuple[int, int | None, dict[str, Any] | None]], list[str]]  # project, events, targets
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,56 +55,67 @@ class Outbox:
         self.registry = registry
         self._insert = pg_insert if registry.dialect == "postgresql" else sqlite_insert
 
-    @_to_the_end
     async def record(
         self, project: str, events: list[tuple[int, int | None, dict[str, Any] | None]], targets: list[str]
     ) -> list[int]:
-        """Events (annotation id, task id, body — None deletes) in one transaction; their versions.
+        """Events (annotation id, task id, body — None deletes) in one transaction; their versions."""
+        [versions] = await self.record_many([(project, events, targets)])
+        return versions
 
-        They are wanted at `targets` (the config file's target storages of the project) and at
-        the project's API target storages as the transaction sees them, so a storage created
-        through another replica a moment ago is not missed.
+    @_to_the_end
+    async def record_many(self, batches: list[Batch]) -> list[list[int]]:
+        """Several requests' events in one transaction (see Recorder); each request's versions.
+
+        Events are wanted at the request's `targets` (the config file's target storages of the
+        project) and at the project's API target storages as the transaction sees them, so a
+        storage created through another replica a moment ago is not missed.
         """
         now = time.time()
         a, d = annotations_table.c, deliveries_table.c
-        versions: list[int] = []
+        answers: list[list[int]] = []
+        api_targets: dict[str, list[str]] = {}
         async with self.registry._begin() as conn:
-            api = await conn.execute(
-                select(export_storages_table.c.id).where(export_storages_table.c.project == project)
-            )
-            targets = [*targets, *(str(ident) for ident in api.scalars())]
-            for annotation_id, task_id, body in events:
-                statement = self._insert(annotations_table).values(
-                    id=annotation_id,
-                    project=project,
-                    task_id=task_id,
-                    version=1,
-                    body=body,
-                    deleted=body is None,
-                    updated_at=now,
-                )
-                excluded = statement.excluded
-                statement = statement.on_conflict_do_update(
-                    index_elements=[a.id],
-                    set_={
-                        "version": a.version + 1,
-                        "body": excluded.body,
-                        "deleted": excluded.deleted,
-                        "task_id": func.coalesce(excluded.task_id, a.task_id),
-                        "updated_at": excluded.updated_at,
-                    },
-                ).returning(a.version)
-                version = (await conn.execute(statement)).scalar_one()
-                versions.append(version)
-                newer = {
-                    "wanted_version": version,
-                    "next_attempt_at": now,
-                    "attempts": 0,
-                    "pending_since": case((d.wanted_version > d.delivered_version, d.pending_since), else_=now),
-                }
-                for target in targets:
-                    await conn.execute(self._want(target, annotation_id, version, now, newer))
-        return versions
+            for project, events, config_targets in batches:
+                if project not in api_targets:
+                    api = await conn.execute(
+                        select(export_storages_table.c.id).where(export_storages_table.c.project == project)
+                    )
+                    api_targets[project] = [str(ident) for ident in api.scalars()]
+                targets = [*config_targets, *api_targets[project]]
+                versions: list[int] = []
+                for annotation_id, task_id, body in events:
+                    statement = self._insert(annotations_table).values(
+                        id=annotation_id,
+                        project=project,
+                        task_id=task_id,
+                        version=1,
+                        body=body,
+                        deleted=body is None,
+                        updated_at=now,
+                    )
+                    excluded = statement.excluded
+                    statement = statement.on_conflict_do_update(
+                        index_elements=[a.id],
+                        set_={
+                            "version": a.version + 1,
+                            "body": excluded.body,
+                            "deleted": excluded.deleted,
+                            "task_id": func.coalesce(excluded.task_id, a.task_id),
+                            "updated_at": excluded.updated_at,
+                        },
+                    ).returning(a.version)
+                    version = (await conn.execute(statement)).scalar_one()
+                    versions.append(version)
+                    newer = {
+                        "wanted_version": version,
+                        "next_attempt_at": now,
+                        "attempts": 0,
+                        "pending_since": case((d.wanted_version > d.delivered_version, d.pending_since), else_=now),
+                    }
+                    for target in targets:
+                        await conn.execute(self._want(target, annotation_id, version, now, newer))
+                answers.append(versions)
+        return answers
 
     @_to_the_end
     async def want_all(self, project: str, target: str) -> int:
@@ -272,3 +287,48 @@ class Outbox:
                 if answer[target]["last_error"] is None:
                     answer[target]["last_error"] = error
         return answer
+
+
+class Recorder:
+    """Group commit for annotation events: requests that arrive while a transaction is being
+    written wait for the next one, which records all of them together. Each request is still
+    answered only after its events are committed; under concurrent senders the registry does one
+    transaction (one commit, on PostgreSQL one flush) per batch instead of one per request.
+
+    A batch that fails for any reason but an unreachable registry is retried one request at a
+    time, so a request the database refuses fails alone.
+    """
+
+    def __init__(self, outbox: Outbox, max_batch: int = 256) -> None:
+        self.outbox = outbox
+        self.max_batch = max_batch
+        self._waiting: list[tuple[Batch, asyncio.Future[list[int]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(
+        self, project: str, events: list[tuple[int, int | None, dict[str, Any] | None]], targets: list[str]
+    ) -> list[int]:
+        answer: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._waiting.append(((project, events, targets), answer))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await asyncio.shield(answer)  # a caller that goes away leaves the batch alone
+
+    async def _write(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+            try:
+                results = await self.outbox.record_many([item for item, _ in batch])
+            except RegistryUnavailable as exc:
+                for _, answer in batch:
+                    answer.set_exception(exc)
+                continue
+            except Exception:
+                for item, answer in batch:
+                    try:
+                        answer.set_result((await self.outbox.record_many([item]))[0])
+                    except Exception as exc:
+                        answer.set_exception(exc)
+                continue
+            for (_, answer), versions in zip(batch, results, strict=True):
+                answer.set_result(versions)
