@@ -559,6 +559,7 @@ async def test_concurrent_events_share_transactions_and_a_refused_one_fails_alon
     in order per annotation; a batch the database refuses is retried request by request."""
     world = await export_world(workers=False)
     recorder = world.app[RECORDER]
+    recorder.max_batch = 256  # the PostgreSQL setting; it records the same on SQLite
     batches: list[list[int]] = []
     original = recorder.outbox.record_many
 

@@ -296,7 +296,8 @@ class Recorder:
     transaction (one commit, on PostgreSQL one flush) per batch instead of one per request.
 
     A batch that fails for any reason but an unreachable registry is retried one request at a
-    time, so a request the database refuses fails alone.
+    time, so a request the database refuses fails alone. `max_batch = 1` records each request in
+    its own transaction, in arrival order (what SQLite is given, see gateway/app.py).
     """
 
     def __init__(self, outbox: Outbox, max_batch: int = 256) -> None:
