@@ -59,6 +59,7 @@ def storage_from_row(row: dict[str, Any], vault: Vault) -> StorageSettings:
         recursive_scan=row["recursive_scan"],
         data_key=row["data_key"],
         sync_interval=row["sync_interval"],
+        client_allowlist=tuple(row["client_allowlist"] or ()),
     )
 
 

@@ -197,6 +197,7 @@ REPRESENTATION = {
     "google_project_id",
     "data_key",
     "sync_interval",
+    "client_allowlist",
     "has_credentials",
     "created_at",
     "updated_at",
@@ -1022,3 +1023,33 @@ async def test_api_credentials_that_would_read_files_or_urls_are_refused(world, 
     assert (await api.call("GET", STORAGES, 200)) == [
         s for s in await api.call("GET", STORAGES, 200) if s["source"] == "config"
     ]
+
+
+async def test_client_allowlist_of_an_api_storage(world, registry_url):
+    """Issue 7's per-storage allowlist for storages created through the API (the test client is
+    127.0.0.1): checked once the storage is known, changed by PATCH, every entry validated."""
+    api = await world(registry_url, storage_refresh=0.05)
+    created = await api.create(prefix="images", client_allowlist=["10.0.0.0/8", "2001:db8::/32"])
+    assert created["client_allowlist"] == ["10.0.0.0/8", "2001:db8::/32"]
+    uri = f"gs://{api.bucket}/images/a.jpg"
+    [task] = (await api.call("POST", f"/api/projects/{API_PROJECT}/import", 201, [{"image": uri}]))["task_ids"]
+    url = f"/tasks/{task}/resolve/?fileuri={fileuri(uri)}"
+    media = {"Authorization": f"Bearer {make_token(tasks=[task])}"}
+    refused = await api.client.get(url, headers=media)
+    assert refused.status == 403 and (await refused.json())["error"] == "ip_not_allowed_for_storage"
+
+    changed = await api.call("PATCH", f"{STORAGES}/{created['id']}", 200, {"client_allowlist": [" 127.0.0.0/8"]})
+    assert changed["client_allowlist"] == ["127.0.0.0/8"]
+    served = await api.client.get(url, headers=media)
+    assert served.status == 200 and await served.read() == b"A" * 1000
+
+    for bad, words in (
+        (["10.0.0.1/8"], "host bits set"),
+        (["not-a-network"], "not an IP network"),
+        ("10.0.0.0/8", "expected a list"),
+        ([8], "expected a list"),
+    ):
+        answer = await api.call("PATCH", f"{STORAGES}/{created['id']}", 400, {"client_allowlist": bad})
+        assert words in answer["validation_errors"]["client_allowlist"][0]
+    cleared = await api.call("PATCH", f"{STORAGES}/{created['id']}", 200, {"client_allowlist": []})
+    assert cleared["client_allowlist"] == []

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import strictjson
-from ..config import BUCKET_RE, StorageSettings, normalize_prefix
+from ..config import BUCKET_RE, StorageSettings, cidr_problem, normalize_prefix, parse_network
 from ..errors import Refused
 from ..registry.sql import empty_counters
 from ..signer import SigningError, build_signer, resolve_identity
@@ -28,6 +28,7 @@ from ..sync.engine import preview
 from .auth import require_admin
 
 SECRET = "google_application_credentials"
+MAX_ALLOWLIST = 1000
 API_CREDENTIAL_TYPES = frozenset({"service_account", "authorized_user"})  # others: config file only
 _READ_ONLY = frozenset(
     {
@@ -58,6 +59,7 @@ _DEFAULTS: dict[str, Any] = {
     "data_key": "$undefined$",
     "sync_interval": 0,
     "google_project_id": None,
+    "client_allowlist": [],
 }
 _STATUS = {"queued": "queued", "running": "in_progress"}
 
@@ -113,6 +115,7 @@ def represent(storage: StorageSettings, job: dict[str, Any] | None, row: dict[st
         "google_project_id": storage.google_project_id,
         "data_key": storage.data_key,
         "sync_interval": storage.sync_interval,
+        "client_allowlist": list(storage.client_allowlist),
         # From the row when there is one: credentials this replica cannot decrypt are still set.
         "has_credentials": bool(row["credentials"] if row else storage.google_application_credentials),
         "created_at": _iso(row["created_at"]) if row else None,
@@ -393,6 +396,8 @@ async def _checked(
             re.compile(values["regex_filter"])
         except re.error as exc:
             errors["regex_filter"] = f"not a valid regular expression ({exc})"
+    if "client_allowlist" in fields:
+        _check_allowlist(fields["client_allowlist"], values, errors)
     if "data_key" in values and not values["data_key"].strip():
         errors["data_key"] = "must not be empty"
     if SECRET in fields:
@@ -400,6 +405,22 @@ async def _checked(
     if errors:
         raise Invalid(errors)
     return values
+
+
+def _check_allowlist(value: Any, values: dict[str, Any], errors: dict[str, str]) -> None:
+    """CIDRs of the clients that may read the storage (besides [network]); [] allows any."""
+    if not isinstance(value, list) or not all(isinstance(cidr, str) for cidr in value):
+        errors["client_allowlist"] = "expected a list of CIDR strings like 10.0.0.0/8 or 2001:db8::/32"
+    elif len(value) > MAX_ALLOWLIST:
+        errors["client_allowlist"] = f"at most {MAX_ALLOWLIST} networks"
+    else:
+        for cidr in value:
+            try:
+                parse_network(cidr)
+            except ValueError as exc:
+                errors["client_allowlist"] = cidr_problem(cidr, exc)
+                return
+        values["client_allowlist"] = [cidr.strip() for cidr in value]
 
 
 async def _check_credentials(
@@ -513,6 +534,8 @@ def _as_settings(
     merged.update({k: v for k, v in values.items() if k in defaults or k in ("project", "bucket")})
     if "_plain_credentials" in values or "credentials" in values:
         merged[SECRET] = values.get("_plain_credentials")
+    if "client_allowlist" in merged:
+        merged["client_allowlist"] = tuple(merged["client_allowlist"])
     return cls(id=current.id if current else "validate", type="gcs", **merged)
 
 

@@ -71,6 +71,7 @@ storages_table = Table(
     Column("google_project_id", String(255), nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("client_allowlist", JSON, nullable=False, server_default="[]"),  # CIDRs (migration 0006)
     sqlite_autoincrement=True,  # a deleted storage's id is never given to another
 )
 
