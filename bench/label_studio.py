@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def label_studio_ranges(ctx: Context) -> ScenarioResult:
-    from tests.test_label_studio import ADMIN_EMAIL, ADMIN_PASSWORD, ADMIN_TOKEN, LS_VENV, NGINX, LabelStudio, cookies
-    from tests.test_label_studio import http as request
+    from tests.test_label_studio import ADMIN_TOKEN, LS_VENV, NGINX, LabelStudio
 
     result = ScenarioResult("8", "Label Studio drop-in: 64 KiB ranges through the front, gateway vs Label Studio")
     if not (LS_VENV / "bin" / "label-studio").exists() or NGINX is None:
@@ -51,26 +50,9 @@ def label_studio_ranges(ctx: Context) -> ScenarioResult:
         stack.callback(ls.stop)
         ctx.log("bench: starting Label Studio (migrations take a minute on the first start)")
         ls.start()
-        session = ls.login(ADMIN_EMAIL, ADMIN_PASSWORD)
-        csrf = cookies(request(f"{ls.url}/user/login/")[1])["csrftoken"]
-        ls.api(
-            "POST",
-            "/api/jwt/settings",
-            {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True},
-            Authorization="",
-            Cookie=f"sessionid={session}; csrftoken={csrf}",
-            **{"X-CSRFToken": csrf, "Referer": f"{ls.url}/"},
-        )
-        label_config = '<View><Image name="image" value="$image"/></View>'
-        project = ls.api("POST", "/api/projects/", {"title": "Bench drop-in", "label_config": label_config})["id"]
-        storage = ls.api(
-            "POST",
-            "/api/storages/gcs/",
-            {"project": project, "bucket": BUCKET, "prefix": "media", "use_blob_urls": True, "presign": False},
-        )
-        ls.api("POST", f"/api/storages/gcs/{storage['id']}/sync")
-        [task] = ls.api("GET", f"/api/tasks/?project={project}")["tasks"]
-        path = str(task["data"]["image"])  # Label Studio's own resolve URL for the object
+        ls.enable_api_tokens()
+        project, [task] = ls.synced_project(BUCKET, "media")
+        path = str(ls.api("GET", f"/api/tasks/{task['id']}/")["data"]["image"])  # the URL its pages use
         if not path.startswith(f"/tasks/{task['id']}/resolve/?fileuri="):
             raise ValueError(f"unexpected resolve URL from Label Studio: {path!r}")
 

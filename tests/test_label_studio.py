@@ -183,6 +183,34 @@ class LabelStudio:
         assert 200 <= status < 300, f"{method} {path}: {status} {raw[:500]!r}"
         return json.loads(raw) if raw else None
 
+    def enable_api_tokens(self) -> str:
+        """New organisations refuse legacy API tokens: switch them on, as an admin would. The
+        admin's session cookie."""
+        session = self.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        csrf = cookies(http(f"{self.url}/user/login/")[1])["csrftoken"]
+        self.api(
+            "POST",
+            "/api/jwt/settings",
+            {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True},
+            Authorization="",
+            Cookie=f"sessionid={session}; csrftoken={csrf}",
+            **{"X-CSRFToken": csrf, "Referer": f"{self.url}/"},
+        )
+        return session
+
+    def synced_project(self, bucket: str, prefix: str) -> tuple[int, list[dict[str, Any]]]:
+        """A project with a GCS source storage in proxy mode (Label Studio streams the objects
+        itself), synced: the project id and its tasks with their data as stored."""
+        config = (
+            '<View><Image name="image" value="$image"/>'
+            '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+        )
+        project = self.api("POST", "/api/projects/", {"title": "Gateway drop-in", "label_config": config})["id"]
+        fields = {"project": project, "bucket": bucket, "prefix": prefix, "use_blob_urls": True, "presign": False}
+        storage = self.api("POST", "/api/storages/gcs/", fields)
+        self.api("POST", f"/api/storages/gcs/{storage['id']}/sync")
+        return project, self.api("GET", f"/api/tasks/?project={project}&resolve_uri=false")["tasks"]
+
     def manage(self, script: str) -> None:
         """Run Python with Label Studio's Django set up on its database."""
         prelude = textwrap.dedent(
@@ -252,27 +280,8 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
     processes: list[subprocess.Popen[bytes]] = []
     try:
         ls.start()
-        # New organisations refuse legacy API tokens: switch them on, as an admin would.
-        session = ls.login(ADMIN_EMAIL, ADMIN_PASSWORD)
-        csrf = cookies(http(f"{ls.url}/user/login/")[1])["csrftoken"]
-        ls.api(
-            "POST",
-            "/api/jwt/settings",
-            {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True},
-            Authorization="",
-            Cookie=f"sessionid={session}; csrftoken={csrf}",
-            **{"X-CSRFToken": csrf, "Referer": f"{ls.url}/"},
-        )
-        config = (
-            '<View><Image name="image" value="$image"/>'
-            '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
-        )
-        project = ls.api("POST", "/api/projects/", {"title": "Gateway drop-in", "label_config": config})["id"]
-        storage = ls.api(
-            "POST", "/api/storages/gcs/", {"project": project, "bucket": bucket, "prefix": "img", "use_blob_urls": True}
-        )
-        ls.api("POST", f"/api/storages/gcs/{storage['id']}/sync")
-        listed = ls.api("GET", f"/api/tasks/?project={project}&resolve_uri=false")["tasks"]
+        session = ls.enable_api_tokens()
+        project, listed = ls.synced_project(bucket, "img")
         tasks = {t["data"]["image"].removeprefix(f"gs://{bucket}/"): t["id"] for t in listed}
         assert sorted(tasks) == ["img/a.jpg", "img/b.jpg"], listed
         ls.manage(
