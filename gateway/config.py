@@ -89,6 +89,7 @@ class SyncSettings:
     max_attempts: int = 3
     page_size: int = 1000  # objects per listing page
     batch_size: int = 1000  # tasks per registry transaction
+    max_parquet_bytes: int = 2 * 1024**3  # a Parquet task file is spooled to disk to be read: at most this
 
 
 @dataclass(frozen=True)
@@ -570,6 +571,7 @@ def validate(settings: Settings) -> None:
         ("[sync].max_attempts", settings.sync.max_attempts, 1),
         ("[sync].page_size", settings.sync.page_size, 1),
         ("[sync].batch_size", settings.sync.batch_size, 1),
+        ("[sync].max_parquet_bytes", settings.sync.max_parquet_bytes, 1),
         ("[export].batch", settings.export.batch, 1),
         ("[export].concurrency", settings.export.concurrency, 1),
         ("[label_studio].cache_size", settings.label_studio.cache_size, 1),

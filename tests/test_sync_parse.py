@@ -7,14 +7,19 @@ import datetime
 import decimal
 import io
 import json
+import tempfile
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import ConfigError
 from gateway.sync.parse import FileError, RowError, file_format, parse_task_file
+
+from .conftest import build_settings
 
 
 async def stream(data: bytes | Iterable[bytes], size: int = 64 * 1024) -> AsyncIterator[bytes]:
@@ -161,6 +166,23 @@ async def test_parquet_rows_across_row_groups_and_broken_files() -> None:
         await parse("t.parquet", b"PAR1 but nothing else")
     with pytest.raises(FileError, match="Parquet"):
         await parse("t.parquet", data[: len(data) // 2] + data[-8:])  # footer kept, pages cut
+
+
+async def test_a_parquet_file_may_take_only_so_much_disk() -> None:
+    """Parquet is spooled to a temporary file to be read: beyond [sync] max_parquet_bytes the
+    file is refused (a file error: the sync goes on), and the spool is removed either way."""
+    data = parquet_bytes({"n": list(range(2500))})
+    spools = set(Path(tempfile.gettempdir()).glob("gateway-sync-*.parquet"))
+    exact = [item async for item in parse_task_file("t.parquet", stream(data, 1000), len(data))]
+    assert len(exact) == 2500
+    with pytest.raises(FileError, match=r"larger than \[sync\].max_parquet_bytes"):
+        [item async for item in parse_task_file("t.parquet", stream(data, 1000), len(data) - 1)]
+    assert set(Path(tempfile.gettempdir()).glob("gateway-sync-*.parquet")) == spools
+
+
+def test_max_parquet_bytes_is_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[sync\].max_parquet_bytes"):
+        build_settings([], tmp_path, sync={"max_parquet_bytes": 0})
 
 
 def _lines(total_bytes: int) -> Iterable[bytes]:

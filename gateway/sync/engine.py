@@ -200,7 +200,7 @@ class Sync:
             progress.error("storage", f"{obj.key}: cannot be read ({exc.public_message or exc})")
             return
         try:
-            async for row, item in parse_task_file(obj.key, decoded(reader)):
+            async for row, item in parse_task_file(obj.key, decoded(reader), self.settings.max_parquet_bytes):
                 for blank in range(count, row):  # blank lines hold no task (any more)
                     bad.append(blank)
                     if len(rows) + len(bad) >= self.settings.batch_size:

@@ -26,6 +26,7 @@ from ..registry import BadTask, normalize_task
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 1000
+MAX_PARQUET_BYTES = 2 * 1024**3  # default of [sync] max_parquet_bytes: the disk a Parquet file may take
 BOM = b"\xef\xbb\xbf"
 
 
@@ -44,13 +45,19 @@ def file_format(key: str) -> str | None:
 
 
 async def parse_task_file(
-    key: str, chunks: AsyncIterator[bytes]
+    key: str, chunks: AsyncIterator[bytes], max_parquet_bytes: int = MAX_PARQUET_BYTES
 ) -> AsyncIterator[tuple[int, dict[str, Any] | RowError]]:
+    """Rows of a task file as they stream in. JSON and JSONL are parsed in bounded memory with no
+    disk; Parquet needs random access and is spooled to a temporary file of at most
+    `max_parquet_bytes` (its decoded size, for a gzip-encoded object)."""
     fmt = file_format(key)
     if fmt is None:
         raise FileError("not a task file (expected a .json, .jsonl, .ndjson or .parquet name)")
-    parser = {"json": _json_rows, "jsonl": _jsonl_rows, "parquet": _parquet_rows}[fmt]
-    async for row, item in parser(chunks):
+    if fmt == "parquet":
+        rows = _parquet_rows(chunks, max_parquet_bytes)
+    else:
+        rows = _json_rows(chunks) if fmt == "json" else _jsonl_rows(chunks)
+    async for row, item in rows:
         if isinstance(item, RowError):
             yield row, item
             continue
@@ -161,7 +168,7 @@ def _json_line(line: bytes, row: int) -> Any:
         return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
 
 
-async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[tuple[int, Any]]:
     """Parquet needs random access: the file is spooled to a temporary file, then read one
     batch of rows at a time (columns become data fields; a `data` struct column is the data)."""
     import pyarrow.lib
@@ -171,8 +178,13 @@ async def _parquet_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int
     try:
         size = 0
         async for chunk in chunks:
-            await asyncio.to_thread(handle.write, chunk)
             size += len(chunk)
+            if size > max_bytes:
+                raise FileError(
+                    f"larger than [sync].max_parquet_bytes ({max_bytes} bytes), the disk a Parquet file may "
+                    "take while it is read (Parquet needs random access: it is spooled to a temporary file)"
+                )
+            await asyncio.to_thread(handle.write, chunk)
         handle.close()
         if size == 0:
             return  # an empty file holds no tasks, whatever its format
