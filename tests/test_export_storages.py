@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY as PROMETHEUS
 
 from gateway.api.export_storages import _refusal
 from gateway.app import create_app
@@ -286,9 +287,18 @@ async def test_failing_status_then_delete_drops_pending_deliveries(gateways):
     response = await gw.client.get("/readyz")
     assert response.status == 200  # the outbox is the buffer
 
+    def gauge(target_id: Any) -> float | None:
+        return PROMETHEUS.get_sample_value("gateway_export_pending", {"target": str(target_id)})
+
+    async def gauge_is(value: float | None) -> bool:
+        return gauge(target["id"]) == value
+
+    await eventually(lambda: gauge_is(2.0), "the pending gauge to show both deliveries")
     await gw.call("DELETE", f"{TARGETS}/{target['id']}", 204)
     assert (await Outbox(gw.app[REGISTRY]).status([str(target["id"])]))[str(target["id"])]["pending"] == 0
     await gw.settled("cfg-target")  # the config-file target still got both
+    await eventually(lambda: gauge_is(None), "the deleted target's gauge to go")
+    assert gauge("cfg-target") == 0.0
 
 
 async def test_credentials_are_write_only_and_encrypted(gateways, credentials, caplog):  # noqa: F811

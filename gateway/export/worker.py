@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..registry.sql import SqlTaskRegistry
 from ..storage import StorageError
 
 log = logging.getLogger("gateway.export")
+REPORT_EVERY = 1.0  # seconds between refreshes of the outbox gauges (gateway_export_pending, …)
 
 
 def object_bytes(body: dict[str, Any]) -> bytes:
@@ -48,6 +50,7 @@ class ExportWorker:
         self.name = name or f"export:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._wake = asyncio.Event()
         self._reported: set[str] = set()
+        self._next_report = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -57,7 +60,9 @@ class ExportWorker:
         while True:
             try:
                 done = await self.drain_once()
-                await self._report()
+                if time.monotonic() >= self._next_report:  # an aggregate over the outbox: not per batch
+                    await self._report()
+                    self._next_report = time.monotonic() + REPORT_EVERY
             except RegistryUnavailable as exc:
                 log.warning("export worker: registry unavailable (%s); retrying", exc)
                 done = 0
