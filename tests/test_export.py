@@ -25,6 +25,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from gateway import metrics
 from gateway.app import create_app
@@ -620,6 +621,52 @@ async def test_an_update_during_an_upload_is_written_after_it(export_world):
     assert (await world.content(1001))["result"][0]["value"]["choices"] == ["second"]
     written = [json.loads(data)["result"][0]["value"]["choices"] for data in gated.contents[world.key(1001)]]
     assert written[-1] == ["second"]
+
+
+async def test_a_delivery_whose_lease_ran_out_while_waiting_is_given_back_untried(export_world):
+    """Uploads one at a time, the first held: the others' leases run out while they wait their
+    turn, so this worker gives them back instead of uploading what another may own by now."""
+    world = await export_world(workers=False, export={"lease_seconds": 1.0, "concurrency": 1, "batch": 3})
+    gated = GatedBackend(world.app[CATALOG].targets.backends[world.target])
+    world.app[CATALOG].targets.backends[world.target] = gated
+    await world.post(bulk([(1401, 140), (1402, 140), (1403, 140)]))
+    worker = ExportWorker(world.app[CATALOG], name="slow")
+    draining = asyncio.create_task(worker.drain_once())
+    await asyncio.wait_for(gated.entered.wait(), 10)
+
+    async def expired() -> bool:  # the held upload's lease (and the others') ran out meanwhile
+        return time.time() > await _lease_end(world)
+
+    await eventually(expired, "the leases to run out")
+    gated.release.set()
+    assert await draining == 3
+    assert sum(gated.uploads.values()) <= 1  # the held one may finish or time out; never the others
+    rows = await _deliveries(world)
+    assert all(owner is None for owner, _ in rows)  # nothing left leased to this worker
+    assert sum(1 for _, attempts in rows if attempts == 0) >= 2  # given back untried: no attempt counted
+    fresh = ExportWorker(world.app[CATALOG], name="fresh")
+
+    async def delivered() -> bool:
+        await fresh.drain_once()
+        return (await world.status())["delivered"] == 3
+
+    await eventually(delivered, "a fresh worker to deliver all three")
+
+
+async def _lease_end(world: World) -> float:
+    from gateway.registry.schema import deliveries_table
+
+    async with world.app[REGISTRY]._connect() as conn:
+        ends = (await conn.execute(select(deliveries_table.c.lease_until))).scalars().all()
+    return max((end for end in ends if end is not None), default=0.0)
+
+
+async def _deliveries(world: World) -> list[tuple[str | None, int]]:
+    from gateway.registry.schema import deliveries_table
+
+    d = deliveries_table.c
+    async with world.app[REGISTRY]._connect() as conn:
+        return [(row.lease_owner, row.attempts) for row in await conn.execute(select(d.lease_owner, d.attempts))]
 
 
 # -- failures and recovery ---------------------------------------------------------------------

@@ -83,9 +83,14 @@ class ExportWorker:
 
         async def one(delivery: Delivery) -> None:
             async with gate:
+                # Only well inside the lease, so another worker never takes over a live upload: one
+                # whose turn came too late (slow uploads ahead of it) is given back untried.
+                left = delivery.lease_until - time.time() - self.settings.lease_seconds * 0.2
+                if left <= 0:
+                    await self.outbox.release(delivery, self.name)
+                    return
                 try:
-                    # Well inside the lease, so another worker never takes over a live upload.
-                    async with asyncio.timeout(self.settings.lease_seconds * 0.8):
+                    async with asyncio.timeout(left):
                         await self._deliver(delivery)
                 except RegistryUnavailable:
                     raise  # the lease ends and the delivery is retried; run() waits a little

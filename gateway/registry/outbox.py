@@ -32,6 +32,7 @@ class Delivery:
     annotation_id: int
     version: int  # the annotation's version to deliver (or newer)
     attempts: int
+    lease_until: float  # time.time() after which another worker may take it over
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +173,20 @@ class Outbox:
                 )
                 row = result.one_or_none()
                 if row is not None:
-                    leased.append(Delivery(target_id, annotation_id, row.wanted_version, row.attempts))
+                    leased.append(Delivery(target_id, annotation_id, row.wanted_version, row.attempts, now + seconds))
         return leased
+
+    @_to_the_end
+    async def release(self, delivery: Delivery, worker: str) -> None:
+        """Give a leased delivery back untried (its lease ran out before its turn came)."""
+        d = deliveries_table.c
+        async with self.registry._begin() as conn:
+            await conn.execute(
+                update(deliveries_table)
+                .where(d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
+                .where(d.lease_owner == worker)
+                .values(lease_owner=None, lease_until=None)
+            )
 
     async def state(self, annotation_id: int) -> AnnotationState | None:
         a = annotations_table.c
