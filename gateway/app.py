@@ -281,6 +281,7 @@ class RequestRecorder(AbstractAccessLogger):
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._access_log: bool | None = None
 
     @property
     def enabled(self) -> bool:
@@ -301,13 +302,18 @@ class RequestRecorder(AbstractAccessLogger):
             )
             self._children[key] = children
         requests, sent, duration = children
-        requests.inc()
-        sent.inc(response.body_length)
+        batch = metrics.BATCH
+        batch.inc(requests)
+        batch.inc(sent, response.body_length)
         duration.observe(seconds)
         if response.status == 206:
             metrics.PARTIAL_RESPONSES.labels(route).inc()
-        app = getattr(request, "app", None)
-        if app is not None and app[SETTINGS].server.access_log:
+        if self._access_log is None:
+            app = getattr(request, "app", None)
+            if app is None:
+                return
+            self._access_log = app[SETTINGS].server.access_log  # one app per server: read once
+        if self._access_log:
             access_log.info(
                 json.dumps(
                     {

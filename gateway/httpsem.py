@@ -124,6 +124,8 @@ def _strong_match(header: str, etag: str) -> bool:
 
 
 def _weak_match(header: str, etag: str) -> bool:
+    if header == etag:  # a browser revalidating sends back the ETag it was given: no parsing needed
+        return True
     tags = parse_etags(header)
     return tags is None or any(tag == _opaque(etag) for _, tag in tags)
 

@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import ipaddress
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
 
 from multidict import CIMultiDictProxy
@@ -191,9 +190,9 @@ class StreamLimiter:
         self.by_subject: dict[str, int] = {}
         self._last_shed: float | None = None
 
-    @contextlib.contextmanager
-    def slot(self, subject: str) -> Iterator[None]:
-        """Held from before the first upstream request until the body is sent or abandoned."""
+    def slot(self, subject: str) -> _Slot:
+        """Held (`with limiter.slot(sub):`) from before the first upstream request until the body
+        is sent or abandoned; refused at once beyond a cap."""
         limits = self._limits
         held = self.by_subject.get(subject, 0)
         if limits.max_streams and self.active >= limits.max_streams:
@@ -208,15 +207,15 @@ class StreamLimiter:
             )
         self.active += 1
         self.by_subject[subject] = held + 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-            left = self.by_subject[subject] - 1
-            if left:
-                self.by_subject[subject] = left
-            else:
-                del self.by_subject[subject]
+        return _Slot(self, subject)
+
+    def _release(self, subject: str) -> None:
+        self.active -= 1
+        left = self.by_subject[subject] - 1
+        if left:
+            self.by_subject[subject] = left
+        else:
+            del self.by_subject[subject]
 
     def _refuse(self, status: int, reason: str, metric: str, message: str) -> None:
         metrics.SHED.labels(metric).inc()
@@ -230,3 +229,20 @@ class StreamLimiter:
         if self._last_shed is not None and self._clock() - self._last_shed < limits.not_ready_after_shedding:
             return f"refused streams in the last {limits.not_ready_after_shedding:g} s"
         return None
+
+
+class _Slot:
+    """A taken stream slot; leaving the `with` block (normally, by an error or by cancellation)
+    gives it back. A plain class: a @contextmanager generator costs a few microseconds per request."""
+
+    __slots__ = ("_limiter", "_subject")
+
+    def __init__(self, limiter: StreamLimiter, subject: str) -> None:
+        self._limiter = limiter
+        self._subject = subject
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        self._limiter._release(self._subject)

@@ -59,6 +59,7 @@ class _Entry:
     meta: ObjectMeta
     headers: dict[str, str]
     attachment: str  # Content-Disposition for ?download=1
+    active: bool  # a type a browser would execute (_is_active): never rendered, even from a signed URL
 
 
 _ACTIVE_TYPES = ("html", "xml", "javascript", "ecmascript")
@@ -173,9 +174,9 @@ class MediaHandler:
         headers = request.headers
         entry = self._entries.get(cache_key)
         if entry is not None:
-            metrics.METADATA_HIT.inc()
+            metrics.BATCH.inc(metrics.METADATA_HIT)
         else:
-            metrics.METADATA_MISS.inc()
+            metrics.BATCH.inc(metrics.METADATA_MISS)
             if request.method == "GET" and not is_conditional(headers):
                 ranges = parse_range(headers.get("Range"))
                 if ranges is None or len(ranges) == 1:
@@ -214,12 +215,12 @@ class MediaHandler:
         request[MODE] = "presign"
         entry = self._entries.get(cache_key)
         if entry is None:
-            metrics.METADATA_MISS.inc()
+            metrics.BATCH.inc(metrics.METADATA_MISS)
             entry = self._remember(cache_key, uri, await backend.stat(uri.key))
         else:
-            metrics.METADATA_HIT.inc()
+            metrics.BATCH.inc(metrics.METADATA_HIT)
         overrides = {}
-        if request.query.get("download") in ("1", "true") or _is_active(entry.meta.content_type):
+        if request.query.get("download") in ("1", "true") or entry.active:
             overrides["response-content-disposition"] = entry.attachment  # HTML/SVG never render either
         ttl = storage.presign_ttl * 60
         signer = self._catalog.signers[storage.id]
@@ -245,13 +246,15 @@ class MediaHandler:
 
         key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
         url, expires_at, hit = await self._signed.get(key, ttl, sign)
-        (metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS).inc()
+        metrics.BATCH.inc(metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS)
         # Never cached past the URL's life, nor longer than a proxied answer (the token check is skipped
         # while a browser replays a cached redirect).
         max_age = max(0, min(self._max_age, int(expires_at - time.time() - SignedUrlCache.margin(ttl))))
         return web.Response(
             status=303,
-            text="See Other\n",
+            body=b"See Other\n",
+            content_type="text/plain",
+            charset="utf-8",
             headers={"Location": url, "Cache-Control": f"private, max-age={max_age}", "Referrer-Policy": "no-referrer"},
         )
 
@@ -291,12 +294,13 @@ class MediaHandler:
         if meta.content_encoding:
             headers["Content-Encoding"] = meta.content_encoding
         attachment = content_disposition(uri.filename, attachment=True)
-        if _is_active(meta.content_type):
+        active = _is_active(meta.content_type)
+        if active:
             headers["Content-Security-Policy"] = "sandbox; default-src 'none'"
             headers["Content-Disposition"] = attachment
         else:
             headers["Content-Disposition"] = content_disposition(uri.filename, attachment=False)
-        entry = _Entry(meta, headers, attachment)
+        entry = _Entry(meta, headers, attachment, active)
         self._entries[cache_key] = entry
         return entry
 
