@@ -307,9 +307,12 @@ class Gateway:
         access_log: bool,
         metadata_ttl: float,
         presign_ttl: int = 60,
+        root: Path = ROOT,
     ) -> None:
         """`bucket` is proxied, `signed_bucket` answered with signed-URL redirects; `uris` (gs://…)
-        are the benchmark task's data, so its token grants every one of them."""
+        are the benchmark task's data, so its token grants every one of them. `root`: the source
+        tree whose `gateway` package runs (bench/ab.py starts an older revision beside this one)."""
+        self.root = root
         self.port = free_port()
         self.workers = workers
         self.dir = workdir / "gateway"
@@ -378,7 +381,7 @@ google_application_credentials = "{self.credentials}"
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config), "--workers", str(self.workers)],
             self.workdir,
             env={**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-            cwd=ROOT,
+            cwd=self.root,
             stop_signal=signal.SIGTERM,
             stdout_file=True,  # the access log, when switched on, goes to a file like a real deployment's
         )
@@ -402,7 +405,7 @@ google_application_credentials = "{self.credentials}"
             capture_output=True,
             text=True,
             env=self.env,
-            cwd=ROOT,
+            cwd=self.root,
             timeout=60,
         )
         if done.returncode != 0:
