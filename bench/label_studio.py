@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def label_studio_ranges(ctx: Context) -> ScenarioResult:
-    from tests.test_label_studio import ADMIN_TOKEN, LS_VENV, NGINX, LabelStudio
+    from tests.test_label_studio import ADMIN_TOKEN, LS_VENV, NGINX, LabelStudio, start_front
 
     result = ScenarioResult("8", "Label Studio drop-in: 64 KiB ranges through the front, gateway vs Label Studio")
     if not (LS_VENV / "bin" / "label-studio").exists() or NGINX is None:
@@ -58,7 +58,20 @@ def label_studio_ranges(ctx: Context) -> ScenarioResult:
 
         gateway_port = _start_gateway(ctx, stack, workdir, ls.url, project)
         front_port, plain_port = free_port(), free_port()
-        _start_nginx(stack, workdir, NGINX, gateway_port, ls.port, front_port, plain_port)
+        plain = f"""
+        server {{
+            listen {HOST}:{plain_port};
+            location / {{
+                proxy_pass http://label_studio;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+                proxy_set_header Host $host;
+                proxy_read_timeout 300s;
+            }}
+        }}
+        """  # the same front without the gateway: every path to Label Studio, its own proxy included
+        nginx = start_front(workdir / "nginx", gateway_port, ls.port, front_port, plain)
+        stack.callback(_terminate, nginx)
         token = {"Authorization": f"Token {ADMIN_TOKEN}"}
         targets = [
             Target("label-studio", plain_port, lambda _o: path, token),
@@ -142,61 +155,6 @@ def _start_gateway(ctx: Context, stack: contextlib.ExitStack, workdir: Path, ls_
     stack.callback(_terminate, process)
     wait_until(lambda: _answers(request, f"http://{HOST}:{port}/healthz"), 30, "the drop-in gateway")
     return port
-
-
-def _start_nginx(
-    stack: contextlib.ExitStack, workdir: Path, nginx: str, gateway: int, ls: int, front: int, plain: int
-) -> None:
-    """The shipped recipe on `front`; on `plain`, the same front without the gateway (all → Label Studio)."""
-    from tests.conftest import wait_until
-    from tests.test_label_studio import http as request
-
-    recipe = (ROOT / "config" / "label-studio.nginx.conf").read_text()
-    recipe = recipe.replace("127.0.0.1:8080", f"{HOST}:{gateway}").replace("127.0.0.1:8081", f"{HOST}:{ls}")
-    recipe = recipe.replace("listen 127.0.0.1:8000", f"listen {HOST}:{front}")
-    plain_server = f"""
-    server {{
-        listen {HOST}:{plain};
-        location / {{
-            proxy_pass http://label_studio;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_read_timeout 300s;
-        }}
-    }}
-    """
-    directory = workdir / "nginx"
-    directory.mkdir()
-    (directory / "front.conf").write_text(recipe + plain_server)
-    (directory / "nginx.conf").write_text(
-        textwrap.dedent(
-            f"""
-            worker_processes 2;
-            daemon off;
-            pid {directory}/nginx.pid;
-            error_log {directory}/error.log warn;
-            events {{ worker_connections 1024; }}
-            http {{
-                access_log off;
-                client_body_temp_path {directory}/body;
-                proxy_temp_path {directory}/proxy;
-                fastcgi_temp_path {directory}/fastcgi;
-                uwsgi_temp_path {directory}/uwsgi;
-                scgi_temp_path {directory}/scgi;
-                include {directory}/front.conf;
-            }}
-            """
-        )
-    )
-    process = subprocess.Popen(
-        [nginx, "-p", str(directory), "-c", str(directory / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=(directory / "stderr.log").open("wb"),
-        start_new_session=True,
-    )
-    stack.callback(_terminate, process)
-    wait_until(lambda: _answers(request, f"http://{HOST}:{plain}/health"), 30, "nginx")
 
 
 def _answers(request, url: str) -> bool:  # type: ignore[no-untyped-def]

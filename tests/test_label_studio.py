@@ -331,47 +331,9 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
         gateway = f"http://127.0.0.1:{gateway_port}"
         wait_until(lambda: _up(f"{gateway}/healthz"), 30, "the gateway")
 
-        # nginx with the shipped recipe, only its ports changed.
         front_port = free_port()
-        recipe = (ROOT / "config" / "label-studio.nginx.conf").read_text()
-        recipe = recipe.replace("127.0.0.1:8080", f"127.0.0.1:{gateway_port}").replace(
-            "127.0.0.1:8081", f"127.0.0.1:{ls.port}"
-        )
-        recipe = recipe.replace("listen 127.0.0.1:8000", f"listen 127.0.0.1:{front_port}")
-        nginx_dir = directory / "nginx"
-        nginx_dir.mkdir()
-        (nginx_dir / "front.conf").write_text(recipe)
-        (nginx_dir / "nginx.conf").write_text(
-            textwrap.dedent(
-                f"""
-                worker_processes 1;
-                daemon off;
-                pid {nginx_dir}/nginx.pid;
-                error_log {nginx_dir}/error.log warn;
-                events {{ worker_connections 256; }}
-                http {{
-                    access_log {nginx_dir}/access.log;
-                    client_body_temp_path {nginx_dir}/body;
-                    proxy_temp_path {nginx_dir}/proxy;
-                    fastcgi_temp_path {nginx_dir}/fastcgi;
-                    uwsgi_temp_path {nginx_dir}/uwsgi;
-                    scgi_temp_path {nginx_dir}/scgi;
-                    include {nginx_dir}/front.conf;
-                }}
-                """
-            )
-        )
-        assert NGINX is not None
-        processes.append(
-            subprocess.Popen(
-                [NGINX, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf")],
-                stdout=subprocess.DEVNULL,
-                stderr=(nginx_dir / "stderr.log").open("wb"),
-                start_new_session=True,
-            )
-        )
+        processes.append(start_front(directory / "nginx", gateway_port, ls.port, front_port))
         front_url = f"http://127.0.0.1:{front_port}"
-        wait_until(lambda: _up(f"{front_url}/health"), 30, "nginx")
         yield Front(ls, front_url, gateway, bucket, project, tasks, session, outsider, directory / "gateway.log")
     finally:
         for process in processes:
@@ -379,6 +341,53 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=20)
         ls.stop()
+
+
+def start_front(
+    directory: Path, gateway: int, label_studio: int, port: int, extra: str = ""
+) -> subprocess.Popen[bytes]:
+    """nginx with the shipped recipe (config/label-studio.nginx.conf), only its ports changed, and
+    `extra` server blocks beside it; returns once it answers on `port`."""
+    recipe = (ROOT / "config" / "label-studio.nginx.conf").read_text()
+    recipe = recipe.replace("127.0.0.1:8080", f"127.0.0.1:{gateway}").replace(
+        "127.0.0.1:8081", f"127.0.0.1:{label_studio}"
+    )
+    recipe = recipe.replace("listen 127.0.0.1:8000", f"listen 127.0.0.1:{port}")
+    directory.mkdir()
+    (directory / "front.conf").write_text(recipe + extra)
+    (directory / "nginx.conf").write_text(
+        textwrap.dedent(
+            f"""
+            worker_processes 2;
+            daemon off;
+            pid {directory}/nginx.pid;
+            error_log {directory}/error.log warn;
+            events {{ worker_connections 1024; }}
+            http {{
+                access_log off;
+                client_body_temp_path {directory}/body;
+                proxy_temp_path {directory}/proxy;
+                fastcgi_temp_path {directory}/fastcgi;
+                uwsgi_temp_path {directory}/uwsgi;
+                scgi_temp_path {directory}/scgi;
+                include {directory}/front.conf;
+            }}
+            """
+        )
+    )
+    assert NGINX is not None
+    process = subprocess.Popen(
+        [NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=(directory / "stderr.log").open("wb"),
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 30, "nginx")
+    except BaseException:
+        process.terminate()
+        raise
+    return process
 
 
 def _up(url: str) -> bool:
