@@ -383,6 +383,21 @@ async def test_a_worker_that_lost_its_job_stops_syncing(cluster: Any, sync_runs:
     assert (job_now["status"], job_now["worker"]) == ("running", "another-worker")  # left to its owner
 
 
+async def test_a_worker_leaves_jobs_of_storages_it_cannot_use_to_others(cluster: Any) -> None:
+    """A replica that cannot use a storage (its API credentials do not decrypt or load here: the
+    catalog lists a problem) leaves the storage's queued job for a worker that can."""
+    bucket_of(cluster).put("t/a.jsonl", jsonl({"n": 1}))
+    unable, able = await cluster(name="unable"), await cluster(name="able")
+    job, _ = await unable.registry.enqueue_job("src")
+    unable.worker.catalog.problems["src"] = "the stored credentials cannot be decrypted here"
+    await unable.worker.tick()
+    assert not unable.worker._jobs
+    assert (await unable.registry.get_job(job["id"]) or {})["status"] == "queued"
+    await able.worker.tick()
+    done = await finished(able.registry, job["id"])
+    assert (done["status"], done["worker"], done["attempts"]) == ("completed", "able", 1)
+
+
 async def test_a_stopping_worker_hands_its_job_back(cluster: Any, sync_runs: dict[str, Any]) -> None:
     node = await cluster()
     sync_runs["gate"] = asyncio.Event()

@@ -274,8 +274,11 @@ class SqlTaskRegistry:
         raise RegistryUnavailable("could not queue a sync job")
 
     @_to_the_end
-    async def claim_job(self, worker: str, storage_id: str | None = None) -> dict[str, Any] | None:
-        """Take the oldest queued job (of one storage, or any): safe with many workers.
+    async def claim_job(
+        self, worker: str, storage_id: str | None = None, skip: Iterable[str] = ()
+    ) -> dict[str, Any] | None:
+        """Take the oldest queued job (of one storage, or any but those of `skip`): safe with
+        many workers.
 
         The conditional UPDATE only succeeds for one claimant; on PostgreSQL, SKIP LOCKED lets
         the others move on to the next job instead of waiting.
@@ -283,6 +286,9 @@ class SqlTaskRegistry:
         candidates = select(sync_jobs_table.c.id).where(sync_jobs_table.c.status == "queued")
         if storage_id is not None:
             candidates = candidates.where(sync_jobs_table.c.storage_id == storage_id)
+        skip = list(skip)
+        if skip:
+            candidates = candidates.where(sync_jobs_table.c.storage_id.not_in(skip))
         candidates = candidates.order_by(sync_jobs_table.c.id).limit(1)
         if self.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)

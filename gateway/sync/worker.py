@@ -69,7 +69,9 @@ class SyncWorker:
             log.warning("sync job %s lost its worker; queued again (or failed after too many attempts)", job_id)
         await self._queue_periodic()
         while len(self._jobs) < self.settings.concurrency:
-            job = await self.registry.claim_job(self.name)
+            # Jobs of storages this process cannot use now (credentials it cannot decrypt or load)
+            # are left to a worker that can, instead of failing them here.
+            job = await self.registry.claim_job(self.name, skip=list(self.catalog.problems))
             if job is None:
                 return
             task = asyncio.create_task(self.run_job(job))
