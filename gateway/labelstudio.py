@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -76,10 +77,12 @@ def credential_from(
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # a video's ranges repeat one credential: hashed once
 def _credential(header: str, value: str) -> Credential:
     return Credential(header, value, hashlib.sha256(f"{header}\n{value}".encode()).hexdigest())
 
 
+@functools.lru_cache(maxsize=4096)  # every bearer request asks, the gateway's own tokens included
 def _is_label_studio_jwt(token: str) -> bool:
     parts = token.split(".")
     if len(parts) != 3 or len(parts[1]) > 4096:

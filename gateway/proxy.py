@@ -105,13 +105,14 @@ class MediaHandler:
     async def task_resolve(self, request: web.Request) -> web.StreamResponse:
         task_id = int(request.match_info["task_id"])
         request[TASK] = task_id
-        credential = self._label_studio_credential(request)
+        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
+        credential = self._label_studio_credential(request, token)
         if credential is not None:  # the label_studio authenticator: Label Studio decides
             uri = parse_fileuri(request.query.get("fileuri"))
             grant = await self._label_studio.task(credential, task_id)  # type: ignore[union-attr]
             storages = self._catalog.storages_of(grant.project)
             return await self._serve(request, storage_for_reference(task_id, grant.uris, uri, storages), uri)
-        claims = await self._claims(request)
+        claims = await self._claims(request, token)
         uri = parse_fileuri(request.query.get("fileuri"))
         if not claims.may_grant_task(task_id):
             raise forbidden("no_grant", f"the token does not grant task {task_id}")
@@ -123,29 +124,29 @@ class MediaHandler:
 
     async def project_resolve(self, request: web.Request) -> web.StreamResponse:
         project = request.match_info["project_id"]
-        credential = self._label_studio_credential(request)
+        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
+        credential = self._label_studio_credential(request, token)
         if credential is not None:
             uri = parse_fileuri(request.query.get("fileuri"))
             await self._label_studio.project(credential, project)  # type: ignore[union-attr]
             return await self._serve(request, storage_inside(uri, self._catalog.storages_of(project)), uri)
-        claims = await self._claims(request)
+        claims = await self._claims(request, token)
         uri = parse_fileuri(request.query.get("fileuri"))
         storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
         return await self._serve(request, storage, uri)
 
-    def _label_studio_credential(self, request: web.Request) -> Credential | None:
-        """Label Studio's credential when the authenticator is on and the request carries one."""
+    def _label_studio_credential(self, request: web.Request, token: str | None) -> Credential | None:
+        """Label Studio's credential when the authenticator is on and the request carries one
+        (`token`: the gateway token the request carries, if any)."""
         if self._label_studio is None:
             return None
-        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
         credential = credential_from(request, self._settings.label_studio, token)
         if credential is not None:
             # A per-credential subject for logs and stream caps; never the credential itself.
             request[SUB] = f"label-studio:{credential.digest[:16]}"
         return credential
 
-    async def _claims(self, request: web.Request) -> Claims:
-        token = token_from(self._settings.auth, request.headers, request.cookies, request.query)
+    async def _claims(self, request: web.Request, token: str | None) -> Claims:
         if token is None:
             raise unauthorized("missing_token", "no token was sent")
         claims = await self._verifier.verify(token)
