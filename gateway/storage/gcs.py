@@ -1,7 +1,8 @@
-"""Google Cloud Storage through its JSON API, spoken with aiohttp on one pooled session.
+"""Google Cloud Storage through its JSON API: media downloads through `http1.MediaPool`, the
+rest (metadata, listings, uploads, deletes) with aiohttp on the application's pooled session.
 
 Downloads ask for `Accept-Encoding: gzip` so GCS hands out objects exactly as stored (no
-decompressive transcoding) and the session never decompresses: a gzip-stored object reaches
+decompressive transcoding) and nothing decompresses them here: a gzip-stored object reaches
 the client as stored, with its Content-Encoding. A media response carries everything the
 gateway needs (size, generation, dates, type), so a cold GET costs one upstream request.
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from urllib.parse import quote
+from typing import Protocol, TypeVar
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import google.auth.exceptions
@@ -43,12 +45,22 @@ from .base import (
     UpstreamUnavailable,
 )
 from .credentials import AccessTokens
+from .http1 import BodyBroken, ConnectionFailed, MediaPool, MediaResponse
 
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _META_FIELDS = "size,generation,updated,contentType,contentEncoding"
 _LIST_FIELDS = "items(name,generation,size),nextPageToken"
 _OPERATIONS = ("stat", "open", "check", "list", "put", "delete", "md5")
 _RETRYABLE = frozenset({408, 429})  # and every 5xx: GCS asks clients to retry these with backoff
+
+
+class _Answer(Protocol):
+    status: int
+
+    def release(self) -> object: ...
+
+
+_Response = TypeVar("_Response", bound=_Answer)
 
 
 def emulator_endpoint(host: str) -> str:
@@ -71,6 +83,14 @@ class GcsBackend:
         self._object_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o/"
         self._list_url = f"{endpoint}/storage/v1/b/{quote(bucket, safe='')}/o"
         self._upload_url = f"{endpoint}/upload/storage/v1/b/{quote(bucket, safe='')}/o"
+        self._media_target = f"{urlsplit(endpoint).path.rstrip('/')}/storage/v1/b/{quote(bucket, safe='')}/o/"
+        self._media = MediaPool(
+            endpoint,
+            limit=upstream.pool_size,
+            connect_timeout=upstream.connect_timeout,
+            idle_timeout=upstream.idle_timeout,
+            read_ahead=upstream.buffer_size,
+        )
         self._tokens = tokens
         self._upstream = upstream
         self._latency = {op: metrics.UPSTREAM_SECONDS.labels(self.name, op) for op in _OPERATIONS}
@@ -108,7 +128,8 @@ class GcsBackend:
         if byte_range is not None:
             headers["Range"] = byte_range.header_value()
         started = time.perf_counter()
-        response = await self._request("open", self._url(key, "alt=media"), headers)
+        target = f"{self._media_target}{quote(key, safe='')}?alt=media"
+        response = await self._attempts("open", lambda headers: self._media.get(target, headers), headers)
         if response.status not in (200, 206):
             response.release()
             if response.status == 416:
@@ -215,7 +236,7 @@ class GcsBackend:
                 raise StorageError("storage answered with malformed object metadata") from None
 
     async def close(self) -> None:
-        pass  # the session belongs to the application
+        self._media.close()  # the aiohttp session belongs to the application
 
     async def _request(
         self,
@@ -226,9 +247,19 @@ class GcsBackend:
         method: str = "GET",
         data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        """One request with retries of connect errors, 408, 429 and 5xx, all before the first
-        byte of the answer. Only for idempotent requests: reads, whole-object uploads, deletes
-        (`data`, the whole body, is sent again with each attempt)."""
+        """One request on the aiohttp session (see `_attempts`). Only for idempotent requests:
+        reads, whole-object uploads, deletes (`data`, the whole body, is sent again with each attempt)."""
+
+        def send(headers: dict[str, str]) -> Awaitable[aiohttp.ClientResponse]:
+            return self._session.request(method, url, headers=headers, data=data, allow_redirects=False)
+
+        return await self._attempts(operation, send, headers)
+
+    async def _attempts(
+        self, operation: str, send: Callable[[dict[str, str]], Awaitable[_Response]], headers: dict[str, str] | None
+    ) -> _Response:
+        """`send(headers)` with retries of connect errors, 408, 429 and 5xx, all before the first
+        byte of the answer; the access token is (re)applied to `headers` before each attempt."""
         headers = dict(headers or {})
         upstream = self._upstream
         for attempt in range(upstream.retries + 1):
@@ -241,15 +272,13 @@ class GcsBackend:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(upstream.first_byte_timeout):
-                    response = await self._session.request(
-                        method, url, headers=headers, data=data, allow_redirects=False
-                    )
+                    response = await send(headers)
             except aiohttp.ConnectionTimeoutError:  # before TimeoutError: it is one too
                 failure: str = "connect"
             except TimeoutError:
                 metrics.UPSTREAM_ERRORS.labels(self.name, "timeout").inc()
                 raise UpstreamTimeout("storage did not answer in time") from None
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, ConnectionFailed, BodyBroken):
                 failure = "connect"
             else:
                 self._latency[operation].observe(time.perf_counter() - started)
@@ -275,7 +304,7 @@ class GcsReader:
         first: int,
         last: int,
         partial: bool,
-        response: aiohttp.ClientResponse,
+        response: MediaResponse,
         upstream: UpstreamSettings,
         ttfb: Histogram,
         started: float,
@@ -285,12 +314,12 @@ class GcsReader:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         expected, received = self.last - self.first + 1, 0
-        content = self._response.content
+        read = self._response.read
         try:
             while received < expected:
                 try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                    chunk = await read()
+                except (BodyBroken, TimeoutError) as exc:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "broken"
                     metrics.UPSTREAM_ERRORS.labels("gcs", kind).inc()
                     raise UpstreamBroken("storage connection failed mid-body") from None
@@ -305,10 +334,7 @@ class GcsReader:
             self.close()
 
     def close(self) -> None:
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()  # unread body: drop the connection rather than drain it
+        self._response.release()  # an unread body closes the connection rather than draining it
 
 
 def _status_error(status: int, key: str) -> StorageError:
