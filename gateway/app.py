@@ -92,6 +92,7 @@ def create_app(
     batch = 256 if app[REGISTRY].dialect == "postgresql" else 1
     app[RECORDER] = Recorder(Outbox(app[REGISTRY]), max_batch=batch)
     app.cleanup_ctx.append(_upstream_context)
+    app.on_cleanup.append(_flush_metrics)
     if workers:
         app.cleanup_ctx.append(_workers_context)
 
@@ -131,6 +132,10 @@ async def _upstream_context(app: web.Application):  # type: ignore[no-untyped-de
     await catalog.close()
     await session.close()
     await app[REGISTRY].close()
+
+
+async def _flush_metrics(_app: web.Application) -> None:
+    metrics.BATCH.flush()  # what the last batching period counted, before the process ends
 
 
 async def _workers_context(app: web.Application):  # type: ignore[no-untyped-def]
@@ -299,15 +304,16 @@ class RequestRecorder(AbstractAccessLogger):
                 metrics.REQUESTS.labels(route, mode, metrics.status_class(response.status)),
                 metrics.RESPONSE_BYTES.labels(route),
                 metrics.REQUEST_SECONDS.labels(route),
+                metrics.PARTIAL_RESPONSES.labels(route) if response.status == 206 else None,
             )
             self._children[key] = children
-        requests, sent, duration = children
+        requests, sent, duration, partial = children
         batch = metrics.BATCH
         batch.inc(requests)
         batch.inc(sent, response.body_length)
-        duration.observe(seconds)
-        if response.status == 206:
-            metrics.PARTIAL_RESPONSES.labels(route).inc()
+        batch.observe(duration, seconds)
+        if partial is not None:
+            batch.inc(partial)
         if self._access_log is None:
             app = getattr(request, "app", None)
             if app is None:

@@ -8,6 +8,7 @@ Labels are closed sets (route names, status classes, reason codes), never a path
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
 from typing import Any
 
@@ -97,38 +98,69 @@ SIGNED_CACHE_HIT = SIGNED_URL_CACHE.labels("hit")
 SIGNED_CACHE_MISS = SIGNED_URL_CACHE.labels("miss")
 
 
-class CounterBatch:
-    """Counter increments of the request path, added up in memory and written once per loop turn.
+class Batch:
+    """Counter (and gauge) increments and histogram observations of the request path, added up in
+    memory and written at most every `period` seconds.
 
-    In multiprocess mode every `inc()` takes a lock and writes the process's mmap'ed file, a few
-    microseconds each; a media request made four. Requests finishing in the same event-loop turn
-    now share one write per counter, scheduled with `call_soon`, so other processes see it within
-    the turn; `render()` flushes first. Outside a running loop an increment is written at once.
+    In multiprocess mode every `inc()` takes a lock and writes the process's mmap'ed file (about
+    3 µs), and a histogram observation writes twice; a 64 KiB range made about nine such writes,
+    a 304 four. Batched, each counter and each histogram bucket touched in a period costs one
+    write: 9.5 writes per 64 KiB range became 2 (the active-streams gauge; now batched too). `render()`
+    flushes this process first, so other workers' figures are at most `period` old; the
+    application flushes on shutdown. Outside a running loop a value is written at once.
     """
 
-    def __init__(self) -> None:
-        self._pending: dict[Any, float] = {}
+    def __init__(self, period: float = 0.1) -> None:
+        self._period = period
+        self._counters: dict[Any, float] = {}
+        self._histograms: dict[Any, list[Any]] = {}  # child → [sum, count per bucket]
         self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
 
     def inc(self, counter: Any, amount: float = 1.0) -> None:
+        if self._scheduled():
+            counters = self._counters
+            counters[counter] = counters.get(counter, 0.0) + amount
+        else:
+            counter.inc(amount)
+
+    def observe(self, histogram: Any, value: float) -> None:
+        """`histogram.observe(value)` for a labelled histogram child, batched."""
+        if not self._scheduled():
+            histogram.observe(value)
+            return
+        pending = self._histograms.get(histogram)
+        if pending is None:
+            pending = self._histograms[histogram] = [0.0, [0] * len(histogram._upper_bounds)]
+        pending[0] += value
+        # The bucket `observe` would count: the first upper bound at or above the value (+Inf last).
+        pending[1][bisect.bisect_left(histogram._upper_bounds, value)] += 1
+
+    def _scheduled(self) -> bool:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            counter.inc(amount)
-            return
+            return False
         if self._flush_on is not loop:  # also after a loop closed with a flush still scheduled (tests)
             self._flush_on = loop
-            loop.call_soon(self.flush)
-        pending = self._pending
-        pending[counter] = pending.get(counter, 0.0) + amount
+            loop.call_later(self._period, self.flush)
+        return True
 
     def flush(self) -> None:
-        pending, self._pending, self._flush_on = self._pending, {}, None
-        for counter, amount in pending.items():
+        counters, self._counters = self._counters, {}
+        histograms, self._histograms = self._histograms, {}
+        self._flush_on = None
+        for counter, amount in counters.items():
             counter.inc(amount)
+        for histogram, (total, buckets) in histograms.items():
+            # prometheus_client writes a histogram as its sum and one value per bucket (the counts
+            # are made cumulative when rendered); `observe` has no batch form, so write those values.
+            histogram._sum.inc(total)
+            for bucket, count in zip(histogram._buckets, buckets, strict=True):
+                if count:
+                    bucket.inc(count)
 
 
-BATCH = CounterBatch()
+BATCH = Batch()
 
 
 def status_class(status: int) -> str:

@@ -344,7 +344,7 @@ class MediaHandler:
         try:
             response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
             response.content_length = plan.length
-            metrics.ACTIVE_STREAMS.inc()
+            metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
             try:
                 await response.prepare(request)
                 async for chunk in reader.chunks():
@@ -362,7 +362,7 @@ class MediaHandler:
                     request.transport.close()
                 return response
             finally:
-                metrics.ACTIVE_STREAMS.dec()
+                metrics.BATCH.inc(metrics.ACTIVE_STREAMS, -1)
             return response
         finally:
             reader.close()

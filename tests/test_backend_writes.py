@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY as PROMETHEUS
 from yarl import URL
 
+from gateway import metrics
 from gateway.config import StorageSettings
 from gateway.storage import build_backend, client_session, load_storage_credential
 from gateway.storage.base import (
@@ -395,6 +396,7 @@ def errors(kind: str) -> float:
 
 
 def timed(operation: str) -> float:
+    metrics.BATCH.flush()  # upstream latencies are written in batches
     return sample("gateway_upstream_request_duration_seconds_count", backend="gcs", operation=operation)
 
 

@@ -275,6 +275,7 @@ async def settled(locator: Any, script: str) -> Any:
 
 
 def partial() -> float:
+    metrics.BATCH.flush()  # request metrics are written in batches
     return metrics.PARTIAL_RESPONSES.labels("task_resolve")._value.get()
 
 

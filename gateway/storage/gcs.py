@@ -281,7 +281,7 @@ class GcsBackend:
             except (aiohttp.ClientError, ConnectionFailed, BodyBroken):
                 failure = "connect"
             else:
-                self._latency[operation].observe(time.perf_counter() - started)
+                metrics.BATCH.observe(self._latency[operation], time.perf_counter() - started)
                 if response.status not in _RETRYABLE and response.status < 500:
                     return response
                 response.release()
@@ -327,7 +327,7 @@ class GcsReader:
                     metrics.UPSTREAM_ERRORS.labels("gcs", "broken").inc()
                     raise UpstreamBroken("storage body ended early")
                 if received == 0:
-                    self._ttfb.observe(time.perf_counter() - self._started)
+                    metrics.BATCH.observe(self._ttfb, time.perf_counter() - self._started)
                 received += len(chunk)
                 yield chunk
         finally:
