@@ -72,6 +72,17 @@ class TokenVerifier:
             raise unauthorized("token_not_yet_valid", "the token is not valid yet")
         return claims
 
+    def cached(self, token: str) -> Claims | None:
+        """The claims of a token verified before and valid now; None for anything `verify` would
+        have to decode or refuse."""
+        claims = self._cache.get(token)
+        if claims is None:
+            return None
+        now, leeway = time.time(), self._auth.leeway
+        if now > claims.exp + leeway or (claims.nbf is not None and now + leeway < claims.nbf):
+            return None
+        return claims
+
     async def _decode(self, token: str) -> Claims:
         try:
             alg = jwt.get_unverified_header(token).get("alg")
@@ -195,6 +206,9 @@ class TaskCache:
         if task is not None:
             self._cache[task_id] = task
         return task
+
+    def cached(self, task_id: int) -> TaskAccess | None:
+        return self._cache.get(task_id)
 
     def forget(self) -> None:
         """Drop every cached task: a sync in this process changed or removed some."""

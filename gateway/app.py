@@ -22,6 +22,7 @@ from .catalog import StorageCatalog
 from .config import Settings
 from .cors import add_cors
 from .errors import Refused
+from .fastlane import MediaFront
 from .netguard import ClientGuard, StreamLimiter
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, open_registry
@@ -32,6 +33,7 @@ from .state import (
     CLIENT,
     ERROR,
     EXPORT_WORKER,
+    FRONT,
     GUARD,
     LIMITER,
     MODE,
@@ -97,6 +99,7 @@ def create_app(
         app.cleanup_ctx.append(_workers_context)
 
     media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
+    app[FRONT] = MediaFront(settings, media, app[GUARD], RequestRecorder(access_log, ""))
     for name, path, handler in (
         ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
@@ -297,47 +300,52 @@ class RequestRecorder(AbstractAccessLogger):
         seconds = time.perf_counter() - started if started is not None else loop_seconds
         route = route_name(request)
         mode = request.get(MODE) or ("proxy" if route in MEDIA_ROUTES else "none")
-        key = (route, mode, response.status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                metrics.REQUESTS.labels(route, mode, metrics.status_class(response.status)),
-                metrics.RESPONSE_BYTES.labels(route),
-                metrics.REQUEST_SECONDS.labels(route),
-                metrics.PARTIAL_RESPONSES.labels(route) if response.status == 206 else None,
-            )
-            self._children[key] = children
-        requests, sent, duration, partial = children
-        batch = metrics.BATCH
-        batch.inc(requests)
-        batch.inc(sent, response.body_length)
-        batch.observe(duration, seconds)
-        if partial is not None:
-            batch.inc(partial)
+        self.account(route, mode, response.status, response.body_length, seconds)
         if self._access_log is None:
             app = getattr(request, "app", None)
             if app is None:
                 return
             self._access_log = app[SETTINGS].server.access_log  # one app per server: read once
         if self._access_log:
-            access_log.info(
-                json.dumps(
-                    {
-                        "request_id": request.get(REQUEST_ID),
-                        "method": request.method,
-                        "path": request.path,  # never the query string: it may carry a token
-                        "status": response.status,
-                        "bytes": response.body_length,
-                        "duration_ms": round(seconds * 1000, 2),
-                        "sub": request.get(SUB),
-                        "task": request.get(TASK),
-                        "error": request.get(ERROR),
-                        "remote": _text(request.get(CLIENT, request.remote)),  # behind trusted proxies: the client
-                        "peer": request.remote,
-                    },
-                    separators=(",", ":"),
-                )
+            self.write(
+                {
+                    "request_id": request.get(REQUEST_ID),
+                    "method": request.method,
+                    "path": request.path,  # never the query string: it may carry a token
+                    "status": response.status,
+                    "bytes": response.body_length,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "sub": request.get(SUB),
+                    "task": request.get(TASK),
+                    "error": request.get(ERROR),
+                    "remote": _text(request.get(CLIENT, request.remote)),  # behind trusted proxies: the client
+                    "peer": request.remote,
+                }
             )
+
+    def account(self, route: str, mode: str, status: int, sent: int, seconds: float) -> None:
+        """The request metrics of one answer (also of those gateway/fastlane.py answers itself)."""
+        key = (route, mode, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                metrics.REQUESTS.labels(route, mode, metrics.status_class(status)),
+                metrics.RESPONSE_BYTES.labels(route),
+                metrics.REQUEST_SECONDS.labels(route),
+                metrics.PARTIAL_RESPONSES.labels(route) if status == 206 else None,
+            )
+            self._children[key] = children
+        requests, sent_bytes, duration, partial = children
+        batch = metrics.BATCH
+        batch.inc(requests)
+        batch.inc(sent_bytes, sent)
+        batch.observe(duration, seconds)
+        if partial is not None:
+            batch.inc(partial)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """One access log line: JSON, never a token (paths only, no query strings)."""
+        access_log.info(json.dumps(fields, separators=(",", ":")))
 
 
 def _text(address: object) -> str | None:

@@ -430,32 +430,58 @@ async def _prepare_registry(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings, index: int = 0) -> None:
-    """One serving process; the first (index 0) also runs the sync worker unless [sync] worker is off."""
+    """One serving process; the first (index 0) also runs the sync and export workers unless switched off.
+
+    Like `web.run_app`, with `gateway.fastlane` in front of aiohttp's protocol on every connection.
+    """
     from aiohttp import web
 
     from .app import create_app
+    from .fastlane import serve
+    from .state import FRONT
 
-    loop = None
     try:
         import uvloop
 
         loop = uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        pass
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     server = settings.server
     log = logging.getLogger("gateway")
-    try:
-        web.run_app(
-            create_app(settings, workers=index == 0),
-            host=server.host,
-            port=server.port,
-            reuse_port=settings.server.workers > 1,
+    app = create_app(settings, workers=index == 0)
+    main = loop.create_task(
+        serve(
+            app,
+            app[FRONT],
+            server.host,
+            server.port,
+            reuse_port=server.workers > 1,
             shutdown_timeout=server.shutdown_timeout,
-            print=lambda _: log.info("worker %d listening on http://%s:%d", os.getpid(), server.host, server.port),
-            loop=loop,
+            on_listening=lambda: log.info("worker %d listening on http://%s:%d", os.getpid(), server.host, server.port),
         )
+    )
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
     except OSError as exc:  # cannot bind: one line, not a traceback
         raise SystemExit(f"gateway: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
+    finally:
+        # As run_app: the serving task first (its cleanup stops the workers gracefully), then the rest.
+        _cancel_and_wait(loop, {main})
+        _cancel_and_wait(loop, asyncio.all_tasks(loop))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def _cancel_and_wait(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[Any]]) -> None:
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -13,9 +13,11 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from . import metrics
 from .acl import (
@@ -42,12 +44,12 @@ from .httpsem import (
     plan_response,
 )
 from .labelstudio import Credential, LabelStudioAuthority, credential_from
-from .netguard import AddressSet, StreamLimiter, check_allowlist
+from .netguard import AddressSet, IPAddress, StreamLimiter, check_allowlist
 from .signer import SignedUrlCache, SigningError, sign_url
 from .state import CLIENT, ERROR, MODE, SUB, TASK
 from .storage import Backend, ObjectMeta, ObjectReader, storage_endpoint
 from .storage.base import ObjectNotFound, RangeNotSatisfiable, StorageError
-from .uris import GsUri, parse_fileuri
+from .uris import BadFileUri, GsUri, parse_fileuri
 
 log = logging.getLogger("gateway.proxy")
 
@@ -69,6 +71,32 @@ def _is_active(content_type: str) -> bool:
     """Types a browser would execute when opened directly (HTML, SVG and other XML, scripts)."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     return any(word in media_type for word in _ACTIVE_TYPES)
+
+
+SEE_OTHER = b"See Other\n"
+
+
+def _not_modified(entry: _Entry) -> dict[str, str]:
+    return {k: entry.headers[k] for k in ("ETag", "Last-Modified", "Cache-Control", "Accept-Ranges")}
+
+
+def _signing_overrides(query: Mapping[str, str], entry: _Entry) -> dict[str, str]:
+    if query.get("download") in ("1", "true") or entry.active:
+        return {"response-content-disposition": entry.attachment}  # HTML/SVG never render either
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Bodiless:
+    """An answer made from the caches alone, without a body to stream (gateway/fastlane.py):
+    a 304, a cached signed-URL 303, or a HEAD. `length`: the Content-Length to announce."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    length: int
+    mode: str
+    sub: str
 
 
 def _delivers(plan: Plan, reader: ObjectReader) -> bool:
@@ -134,6 +162,67 @@ class MediaHandler:
         uri = parse_fileuri(request.query.get("fileuri"))
         storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
         return await self._serve(request, storage, uri)
+
+    def from_caches(
+        self,
+        method: str,
+        task_id: int | None,
+        project: str | None,
+        query: Mapping[str, str],
+        headers: CIMultiDictProxy[str],
+        cookies: Mapping[str, str],
+        client: IPAddress | None,
+    ) -> Bodiless | None:
+        """The answer to a media request when the caches alone decide it and it has no body, else None.
+
+        The same decisions as the handlers above, in the same order, with every lookup a cache
+        peek: a verified token, a known task, the object's metadata, a signed URL with life left.
+        Anything else — a miss, a refusal to explain, a body to stream, a Label Studio credential —
+        is None, and the request goes the full way.
+        """
+        if self._label_studio is not None:
+            return None
+        token = token_from(self._settings.auth, headers, cookies, query)
+        claims = self._verifier.cached(token) if token is not None else None
+        if claims is None:
+            return None
+        try:
+            uri = parse_fileuri(query.get("fileuri"))
+            if task_id is not None:
+                task = self._tasks.cached(task_id) if claims.may_grant_task(task_id) else None
+                if task is None:
+                    return None
+                storage = storage_for_task(claims, task, uri, self._catalog.storages_of(task.project))
+            else:
+                assert project is not None
+                storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
+            if storage.client_allowlist:
+                check_allowlist(AddressSet.of(storage.client_allowlist), client, "ip_not_allowed_for_storage", "")
+        except (Refused, BadFileUri):
+            return None
+        entry = self._entries.get((storage.id, uri.key))
+        if entry is None:
+            return None
+        if storage.presign:
+            ttl = storage.presign_ttl * 60
+            key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(_signing_overrides(query, entry).items())))
+            signed = self._signed.cached(key, ttl)
+            if signed is None:
+                return None
+            metrics.BATCH.inc(metrics.METADATA_HIT)
+            metrics.BATCH.inc(metrics.SIGNED_CACHE_HIT)
+            headers_out = self._see_other(*signed, ttl)
+            return Bodiless(303, headers_out, SEE_OTHER, len(SEE_OTHER), "presign", claims.sub)
+        meta = entry.meta
+        plan = plan_response(method, headers, meta.etag, meta.last_modified, meta.size)
+        if plan.status == 304:
+            answer = Bodiless(304, _not_modified(entry), b"", 0, "proxy", claims.sub)
+        elif method == "HEAD" and plan.status in (200, 206):
+            answer = Bodiless(plan.status, self._headers(query, plan, entry), b"", plan.length, "proxy", claims.sub)
+        else:
+            return None
+        metrics.BATCH.inc(metrics.METADATA_HIT)
+        return answer
 
     def _label_studio_credential(self, request: web.Request, token: str | None) -> Credential | None:
         """Label Studio's credential when the authenticator is on and the request carries one
@@ -220,9 +309,7 @@ class MediaHandler:
             entry = self._remember(cache_key, uri, await backend.stat(uri.key))
         else:
             metrics.BATCH.inc(metrics.METADATA_HIT)
-        overrides = {}
-        if request.query.get("download") in ("1", "true") or entry.active:
-            overrides["response-content-disposition"] = entry.attachment  # HTML/SVG never render either
+        overrides = _signing_overrides(request.query, entry)
         ttl = storage.presign_ttl * 60
         signer = self._catalog.signers[storage.id]
 
@@ -248,16 +335,18 @@ class MediaHandler:
         key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
         url, expires_at, hit = await self._signed.get(key, ttl, sign)
         metrics.BATCH.inc(metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS)
+        return web.Response(status=303, body=SEE_OTHER, headers=self._see_other(url, expires_at, ttl))
+
+    def _see_other(self, url: str, expires_at: float, ttl: int) -> dict[str, str]:
         # Never cached past the URL's life, nor longer than a proxied answer (the token check is skipped
         # while a browser replays a cached redirect).
         max_age = max(0, min(self._max_age, int(expires_at - time.time() - SignedUrlCache.margin(ttl))))
-        return web.Response(
-            status=303,
-            body=b"See Other\n",
-            content_type="text/plain",
-            charset="utf-8",
-            headers={"Location": url, "Cache-Control": f"private, max-age={max_age}", "Referrer-Policy": "no-referrer"},
-        )
+        return {
+            "Location": url,
+            "Cache-Control": f"private, max-age={max_age}",
+            "Referrer-Policy": "no-referrer",
+            "Content-Type": "text/plain; charset=utf-8",
+        }
 
     async def _optimistic_get(
         self,
@@ -305,9 +394,9 @@ class MediaHandler:
         self._entries[cache_key] = entry
         return entry
 
-    def _headers(self, request: web.Request, plan: Plan, entry: _Entry) -> dict[str, str]:
+    def _headers(self, query: Mapping[str, str], plan: Plan, entry: _Entry) -> dict[str, str]:
         headers = dict(entry.headers)
-        if request.query.get("download") in ("1", "true"):
+        if query.get("download") in ("1", "true"):
             headers["Content-Disposition"] = entry.attachment
         if plan.status == 206:
             headers["Content-Range"] = f"bytes {plan.first}-{plan.last}/{entry.meta.size}"
@@ -316,8 +405,7 @@ class MediaHandler:
     def _bodiless(self, plan: Plan, entry: _Entry) -> web.Response:
         """304, 412 and 416, answered from metadata alone."""
         if plan.status == 304:
-            keep = ("ETag", "Last-Modified", "Cache-Control", "Accept-Ranges")
-            return web.Response(status=304, headers={k: entry.headers[k] for k in keep})
+            return web.Response(status=304, headers=_not_modified(entry))
         if plan.status == 416:
             return web.json_response(
                 {"error": "range_not_satisfiable", "message": "the requested range lies outside the object"},
@@ -331,7 +419,7 @@ class MediaHandler:
         )
 
     async def _head(self, request: web.Request, plan: Plan, entry: _Entry) -> web.StreamResponse:
-        response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
+        response = web.StreamResponse(status=plan.status, headers=self._headers(request.query, plan, entry))
         response.content_length = plan.length
         await response.prepare(request)
         await response.write_eof()
@@ -342,7 +430,7 @@ class MediaHandler:
     ) -> web.StreamResponse:
         """Write the reader's bytes with backpressure; a broken upstream aborts the client."""
         try:
-            response = web.StreamResponse(status=plan.status, headers=self._headers(request, plan, entry))
+            response = web.StreamResponse(status=plan.status, headers=self._headers(request.query, plan, entry))
             response.content_length = plan.length
             metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
             try:

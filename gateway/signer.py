@@ -162,11 +162,18 @@ class SignedUrlCache:
         """max(60 s, 10 % of the TTL), but never more than half of it (a 1-minute TTL stays cacheable)."""
         return min(max(60.0, 0.1 * ttl_seconds), ttl_seconds / 2)
 
+    def cached(self, key: Hashable, ttl_seconds: int) -> tuple[str, float] | None:
+        """The URL and its expiry, if one with more than the margin of life is kept."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] - self._clock() >= self.margin(ttl_seconds):
+            return entry
+        return None
+
     async def get(
         self, key: Hashable, ttl_seconds: int, make: Callable[[float], Awaitable[str]]
     ) -> tuple[str, float, bool]:
-        entry = self._entries.get(key)
-        if entry is not None and entry[1] - self._clock() >= self.margin(ttl_seconds):
+        entry = self.cached(key, ttl_seconds)
+        if entry is not None:
             return entry[0], entry[1], True
         pending = self._pending.get(key)
         if pending is None:

@@ -23,6 +23,7 @@ LIMITER = web.AppKey("limiter", StreamLimiter)
 READINESS = web.AppKey("readiness", dict[str, Any])
 EXPORT_WORKER = web.AppKey("export_worker", Any)  # gateway.export.worker.ExportWorker when running in-process
 RECORDER = web.AppKey("recorder", Any)  # gateway.registry.outbox.Recorder: annotation events, group-committed
+FRONT = web.AppKey("front", Any)  # gateway.fastlane.MediaFront: media cache hits answered before aiohttp
 SYNC_WORKER = web.AppKey("sync_worker", Any)  # gateway.sync.worker.SyncWorker when running in-process
 
 # Per-request facts the access log reports (never the token itself).

@@ -8,6 +8,8 @@ tests/postgres.py, loaded as a plugin below.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -20,11 +22,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 
@@ -253,9 +256,64 @@ def seed(
     return entry
 
 
-@pytest.fixture(params=["local", "gcs"])
-async def media(request, tmp_path, aiohttp_client, monkeypatch) -> MediaWorld:
-    kind = request.param
+class LaneClient:
+    """A client of `gateway.fastlane.serve` (the production front): one connection per request, so
+    every request meets the fast lane first and aiohttp only when the fast lane hands it over."""
+
+    def __init__(self, session: aiohttp.ClientSession, app: Any, port: int) -> None:
+        self.session, self.app, self.port = session, app, port
+        self.get, self.head, self.request = session.get, session.head, session.request
+
+
+@pytest.fixture
+async def fastlane() -> AsyncIterator[Callable[[Any], Awaitable[LaneClient]]]:
+    from gateway.fastlane import serve
+    from gateway.state import FRONT
+
+    started: list[tuple[asyncio.Task[None], aiohttp.ClientSession]] = []
+
+    async def start(app: Any, keepalive_timeout: float = 75.0) -> LaneClient:
+        port, listening = free_port(), asyncio.Event()
+        task = asyncio.create_task(
+            serve(
+                app,
+                app[FRONT],
+                "127.0.0.1",
+                port,
+                reuse_port=False,
+                shutdown_timeout=1.0,
+                on_listening=listening.set,
+                handle_signals=False,
+                keepalive_timeout=keepalive_timeout,
+            )
+        )
+        waiting = asyncio.ensure_future(listening.wait())
+        await asyncio.wait({task, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if task.done():
+            task.result()  # the start-up error
+        assert listening.is_set(), "the gateway did not start listening"
+        session = aiohttp.ClientSession(
+            base_url=f"http://127.0.0.1:{port}",
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(force_close=True),
+        )
+        started.append((task, session))
+        return LaneClient(session, app, port)
+
+    yield start
+    for task, session in started:
+        await session.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture(
+    params=[("local", "aiohttp"), ("gcs", "aiohttp"), ("gcs", "fastlane")], ids=["local", "gcs", "gcs-fastlane"]
+)
+async def media(request, tmp_path, aiohttp_client, monkeypatch, fastlane) -> MediaWorld:
+    kind, lane = request.param
     emu = request.getfixturevalue("emulator") if kind == "gcs" else None
     if emu is not None:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.host)
@@ -282,7 +340,10 @@ async def media(request, tmp_path, aiohttp_client, monkeypatch) -> MediaWorld:
         ],
     )
     world.task_a, world.task_b = ids
-    world.client = await aiohttp_client(app, auto_decompress=False)
+    if lane == "fastlane":
+        world.client = await fastlane(app)
+    else:
+        world.client = await aiohttp_client(app, auto_decompress=False)
     return world
 
 

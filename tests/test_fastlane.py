@@ -1,0 +1,341 @@
+"""gateway/fastlane.py: cache hits answered before aiohttp, exactly as aiohttp's path answers them.
+
+A real `serve()` (the production front) on loopback, fake-gcs-server behind it, raw sockets in
+front so that each test decides what travels on which connection: a connection that starts with
+/healthz belongs to aiohttp from its first byte, a fresh one meets the fast lane first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from gateway import metrics
+from gateway.app import create_app
+from gateway.state import FRONT, REGISTRY
+
+from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
+from .test_presign import service_account_json
+
+CLIP = StoredObject("video/clip.bin", bytes(range(256)) * 1000, "video/mp4")
+PAGE = StoredObject("pages/page.html", b"<p>hello</p>", "text/html")
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+class Connection:
+    """One client socket speaking raw HTTP/1.1."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self, head_request: bool = False) -> Answer:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        while head.startswith(b"HTTP/1.1 100 "):  # an interim answer to Expect: 100-continue
+            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head_request or status_line.split()[1] == "304" else int(headers.get("content-length", 0))
+        body = await asyncio.wait_for(self.reader.readexactly(length), 10)
+        return Answer(int(status_line.split()[1]), headers, body)
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(1), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+def keepalive() -> float:
+    return 75.0
+
+
+@pytest.fixture
+async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive):
+    """A proxied and a presigned storage, one task referencing an object of each."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    plain_bucket, signed_bucket = f"lane-{uuid.uuid4().hex[:10]}", f"lane-signed-{uuid.uuid4().hex[:10]}"
+    plain = seed("gcs", plain_bucket, [CLIP, PAGE], tmp_path, emulator)
+    plain.update(id="plain")
+    signed = seed("gcs", signed_bucket, [CLIP], tmp_path, emulator)
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signed.update(id="signed", presign=True, presign_ttl=15, google_application_credentials=service_account_json(key))
+    app = create_app(build_settings([plain, signed], tmp_path, server={"access_log": True}))
+    uris = {"clip": f"gs://{plain_bucket}/{CLIP.key}", "page": f"gs://{plain_bucket}/{PAGE.key}"}
+    uris["signed"] = f"gs://{signed_bucket}/{CLIP.key}"
+    (task,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": uris}])
+    client = await fastlane(app, keepalive_timeout=keepalive)
+    return Lane(client.port, app, task, uris, make_token(tasks=[task]))
+
+
+@dataclass
+class Lane:
+    port: int
+    app: object
+    task: int
+    uris: dict[str, str]
+    token: str
+
+    async def connect(self) -> Connection:
+        return Connection(*await asyncio.open_connection("127.0.0.1", self.port))
+
+    def request(self, name: str, *headers: str, method: str = "GET", query: str = "", token: bool = True) -> bytes:
+        import base64
+
+        fileuri = base64.urlsafe_b64encode(self.uris[name].encode()).decode().rstrip("=")
+        lines = [f"{method} /tasks/{self.task}/resolve/?fileuri={fileuri}{query} HTTP/1.1", "Host: gateway"]
+        if token:
+            lines.append(f"Authorization: Bearer {self.token}")
+        return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode()
+
+    def in_fast_lane(self, connection: Connection) -> bool:
+        """Whether the fast lane (not aiohttp) owns the server side of this client socket."""
+        port = connection.writer.get_extra_info("sockname")[1]
+        return any(lane.peer[1] == port for lane in self.app[FRONT].connections)  # type: ignore[index]
+
+    async def through_aiohttp(self, request: bytes, head_request: bool = False) -> Answer:
+        """The request on a connection aiohttp owns from its first byte (it starts with /healthz)."""
+        connection = await self.connect()
+        try:
+            await connection.send(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            assert (await connection.answer()).status == 200
+            await connection.send(request)
+            return await connection.answer(head_request)
+        finally:
+            connection.close()
+
+    async def through_fast_lane(self, request: bytes, head_request: bool = False) -> Answer:
+        """The request on a fresh connection; asserts that the fast lane answered it."""
+        connection = await self.connect()
+        try:
+            await connection.send(request)
+            answer = await connection.answer(head_request)
+            assert self.in_fast_lane(connection), "the fast lane handed this request to aiohttp"
+            return answer
+        finally:
+            connection.close()
+
+
+def comparable(answer: Answer) -> tuple[int, dict[str, str], bytes]:
+    assert answer.headers["server"] == "media-gateway" and answer.headers["x-request-id"]
+    assert answer.headers["date"].endswith(" GMT")
+    headers = {k: v for k, v in answer.headers.items() if k not in ("date", "x-request-id")}
+    return answer.status, headers, answer.body
+
+
+CASES = {
+    "304": ("clip", ['If-None-Match: "{etag}"'], "GET", ""),
+    "304 among other tags": ("clip", ['If-None-Match: "x", W/"{etag_bare}"'], "GET", ""),
+    "304 by date": ("clip", ["If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT"], "GET", ""),
+    "HEAD": ("clip", [], "HEAD", ""),
+    "HEAD of a range": ("clip", ["Range: bytes=10-99"], "HEAD", ""),
+    "HEAD ?download=1": ("clip", [], "HEAD", "&download=1"),
+    "HEAD of an active type": ("page", [], "HEAD", ""),
+    "signed redirect": ("signed", [], "GET", ""),
+    "signed redirect, HEAD": ("signed", [], "HEAD", ""),
+    "signed redirect ?download=1": ("signed", [], "GET", "&download=1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_cache_hits_are_answered_by_the_fast_lane_as_aiohttp_answers_them(lane, case):
+    name, header_templates, method, query = CASES[case]
+    head_request = method == "HEAD"
+    # The first request warms the caches (token, task, metadata, signed URL) through aiohttp.
+    warm = await lane.through_aiohttp(lane.request(name), head_request=False)
+    assert warm.status in (200, 303)
+    etag = warm.headers.get("etag", '"0"').strip('"')
+    headers = [t.format(etag=etag, etag_bare=etag) for t in header_templates]
+    request = lane.request(name, *headers, method=method, query=query)
+    full = await lane.through_aiohttp(request, head_request)
+    fast = await lane.through_fast_lane(request, head_request)
+    assert fast.status in (200, 206, 303, 304)
+    assert comparable(fast) == comparable(full)
+
+
+async def test_consecutive_hits_keep_the_connection_in_the_fast_lane(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    connection = await lane.connect()
+    try:
+        for request_id in ("first-1", "second-2", "third-3"):
+            await connection.send(lane.request("clip", "If-None-Match: *", f"X-Request-ID: {request_id}"))
+            answer = await connection.answer()
+            assert (answer.status, answer.headers["x-request-id"]) == (304, request_id)
+        assert lane.in_fast_lane(connection)
+    finally:
+        connection.close()
+
+
+async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    hit = lane.request("clip", "If-None-Match: *")
+    connection = await lane.connect()
+    try:
+        # One write: a hit, a request only aiohttp serves, and a hit that aiohttp now answers too.
+        await connection.send(hit + b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n" + hit)
+        statuses = [(await connection.answer()).status for _ in range(3)]
+        assert statuses == [304, 200, 304]
+        assert not lane.in_fast_lane(connection)  # the connection is aiohttp's now
+        await connection.send(lane.request("clip", "Range: bytes=0-9"))
+        answer = await connection.answer()
+        assert (answer.status, answer.body) == (206, CLIP.data[:10])
+    finally:
+        connection.close()
+
+
+async def test_a_request_head_split_across_writes_is_answered_once_complete(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    request = lane.request("clip", "If-None-Match: *")
+    connection = await lane.connect()
+    try:
+        for piece in (request[:7], request[7:60], request[60:]):
+            await connection.send(piece)
+        assert (await connection.answer()).status == 304
+        assert lane.in_fast_lane(connection)
+    finally:
+        connection.close()
+
+
+HANDED_OVER = {
+    "a body to stream": ([], 200),
+    "a cross-origin request": (["Origin: https://labels.example"], 304),
+    "Expect": (["Expect: 100-continue"], 304),
+    "Connection: close": (["Connection: close"], 304),
+    "a request body": (["Content-Length: 3"], 304),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDED_OVER))
+async def test_requests_the_fast_lane_leaves_to_aiohttp(lane, case):
+    extra, status = HANDED_OVER[case]
+    await lane.through_aiohttp(lane.request("clip"))
+    conditional = [] if status == 200 else ["If-None-Match: *"]
+    request = lane.request("clip", *conditional, *extra)
+    if "Content-Length: 3" in extra:
+        request += b"abc"
+    connection = await lane.connect()
+    try:
+        await connection.send(request)
+        answer = await connection.answer()
+        assert answer.status == status
+        assert not lane.in_fast_lane(connection)
+    finally:
+        connection.close()
+
+
+async def test_http_1_0_malformed_and_unknown_requests_get_aiohttps_answers(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    old = lane.request("clip", "If-None-Match: *").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    for request, status in (
+        (old, 304),
+        (b"GET /tasks/1/resolve/ HTTP/1.1\r\nHost: gateway\r\nBad Header\r\n\r\n", 400),
+        (b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\n\r\n", 404),
+        (b"GET /tasks/1/resolve/?fileuri=x HTTP/1.1\r\nHost: g\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", 400),
+    ):
+        connection = await lane.connect()
+        try:
+            await connection.send(request)
+            assert (await connection.answer()).status == status, request[:60]
+            assert not lane.in_fast_lane(connection)
+        finally:
+            connection.close()
+
+
+async def test_refusals_are_explained_by_the_full_path(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    expired = make_token(tasks=[lane.task], ttl=-3600)  # well past the leeway
+    other_task = make_token(tasks=[lane.task + 1000])
+    for headers, status, error in (
+        ([], 401, "missing_token"),
+        ([f"Authorization: Bearer {expired}"], 401, "expired_token"),
+        ([f"Authorization: Bearer {other_task}"], 403, "no_grant"),
+    ):
+        answer = await lane.through_aiohttp(lane.request("clip", "If-None-Match: *", *headers, token=False))
+        assert (answer.status, json.loads(answer.body)["error"]) == (status, error)
+        connection = await lane.connect()
+        try:
+            await connection.send(lane.request("clip", "If-None-Match: *", *headers, token=False))
+            answer = await connection.answer()
+            assert (answer.status, json.loads(answer.body)["error"]) == (status, error)
+            assert not lane.in_fast_lane(connection)
+        finally:
+            connection.close()
+
+
+async def test_a_token_from_the_query_or_a_cookie_is_honoured(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    for request in (
+        lane.request("clip", "If-None-Match: *", query=f"&token={lane.token}", token=False),
+        lane.request("clip", "If-None-Match: *", f"Cookie: theme=dark; gateway_token={lane.token}", token=False),
+    ):
+        assert (await lane.through_fast_lane(request)).status == 304
+
+
+async def test_fast_lane_answers_are_counted_and_logged_without_the_token(lane, caplog):
+    await lane.through_aiohttp(lane.request("clip"))
+    requests = metrics.REQUESTS.labels("task_resolve", "proxy", "3xx")
+    metrics.BATCH.flush()
+    before = requests._value.get()
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        request = lane.request("clip", "If-None-Match: *", query=f"&token={lane.token}", token=False)
+        await lane.through_fast_lane(request)
+    metrics.BATCH.flush()
+    assert requests._value.get() == before + 1
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert (line["status"], line["sub"], line["task"], line["path"]) == (
+        304,
+        "alice",
+        lane.task,
+        f"/tasks/{lane.task}/resolve/",
+    )
+    assert line["remote"] == line["peer"] == "127.0.0.1"
+    assert lane.token not in caplog.text
+
+
+async def test_shutdown_closes_the_fast_lane_connections(lane, fastlane, tmp_path):
+    await lane.through_aiohttp(lane.request("clip"))
+    connection = await lane.connect()
+    await connection.send(lane.request("clip", "If-None-Match: *"))
+    assert (await connection.answer()).status == 304
+    lane.app[FRONT].close_all()  # what serve() does on shutdown, before aiohttp's graceful shutdown
+    assert await connection.closed()
+    connection.close()
+
+
+@pytest.mark.parametrize("keepalive", [0.3])
+async def test_an_idle_fast_lane_connection_is_closed_after_the_keep_alive_timeout(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    connection = await lane.connect()
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        for pause in (0, 0.2, 0.2):  # requests 0.2 s apart keep a 0.3 s keep-alive open
+            await asyncio.sleep(pause)
+            await connection.send(lane.request("clip", "If-None-Match: *"))
+            assert (await connection.answer()).status == 304
+        assert lane.in_fast_lane(connection)
+        quiet = loop.time()
+        assert await connection.closed()  # then silence: the gateway hangs up
+        assert loop.time() - quiet >= 0.25 and loop.time() - started >= 0.65
+    finally:
+        connection.close()
