@@ -4,7 +4,7 @@
 
 One fake-gcs-server, two single-worker gateways with the same generated config (bench.procs:
 `--base`'s tree exported with `git archive` into a temporary directory, and this working tree),
-wrk -t1 -c16 alternated between them. Besides req/s it prints the gateway's CPU time per request
+wrk -t1 -c16 (-c4 for whole objects) alternated between them. Besides req/s it prints the gateway's CPU time per request
 (user + system, from psutil): on this shared 2-core machine throughput swings by ±30 % between
 runs, while CPU per request moves by a few percent, which is what a single change needs to show.
 It is a development tool, not a target check: `make bench` is that (and checks every response).
@@ -28,6 +28,7 @@ _KINDS = {
     "304": "If-None-Match revalidation of the 50 MiB object",
     "redirect": "cached signed-URL redirect (64 KiB object)",
     "range": "64 KiB range of the 50 MiB object",
+    "whole": "the whole 50 MiB object, 4 connections",
 }
 
 
@@ -52,9 +53,11 @@ def _run(wrk: str, gateway: Gateway, kind: str, duration: int, etag: str) -> tup
     elif kind == "range":
         headers = {**headers, "Range": "bytes=0-65535"}
         path = gateway.media_path("bench-media", "big.bin")
+    elif kind == "whole":
+        path = gateway.media_path("bench-media", "big.bin")
     else:
         path = gateway.media_path("bench-signed", "small.bin")
-    argv = [wrk, "-t1", "-c16", f"-d{duration}s"]
+    argv = [wrk, "-t1", "-c4" if kind == "whole" else "-c16", f"-d{duration}s"]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     before = _cpu_seconds(gateway)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
             etag = _etag(next(iter(gateways.values())))
             for kind in kinds:
-                print(f"{kind}: {_KINDS[kind]}, wrk -t1 -c16 -d{args.duration}s, {args.rounds} rounds", flush=True)
+                print(f"{kind}: {_KINDS[kind]}, wrk -t1 -d{args.duration}s, {args.rounds} rounds", flush=True)
                 cpu: dict[str, list[float]] = {label: [] for label in gateways}
                 rps: dict[str, list[float]] = {label: [] for label in gateways}
                 for round_ in range(args.rounds):
