@@ -36,7 +36,8 @@ from .errors import Refused
 from .netguard import ClientGuard
 from .proxy import Bodiless, MediaHandler
 
-_MEDIA_PATH = re.compile(rb"/(?:tasks/(\d{1,18})|projects/([^/?%#]+))/resolve/")
+# The two media routes as aiohttp matches them, on the raw path; a percent-encoded one is aiohttp's.
+_MEDIA_PATH = re.compile(rb"/(?:tasks/(\d{1,18})|projects/([^/?%#{}]+))/resolve/")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_HEAD = 16 * 1024  # longer heads go to aiohttp, which answers 431 or 400 by its own limits
 KEEPALIVE_SECONDS = 75.0  # web.run_app's keep-alive timeout, for both lanes
@@ -224,7 +225,7 @@ class FastLane(asyncio.Protocol):
         while not self._paused:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(buffer) > _MAX_HEAD:
+                if len(buffer) > _MAX_HEAD or b"\n\n" in buffer:  # too long, or bare LF line ends: aiohttp says 400
                     self._hand_over()
                 else:
                     self._arm()

@@ -249,6 +249,7 @@ async def test_http_1_0_malformed_and_unknown_requests_get_aiohttps_answers(lane
     for request, status in (
         (old, 304),
         (b"GET /tasks/1/resolve/ HTTP/1.1\r\nHost: gateway\r\nBad Header\r\n\r\n", 400),
+        (b"GET /tasks/1/resolve/ HTTP/1.1\nHost: gateway\n\n", 400),  # bare LF: never waits for a CRLF
         (b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\n\r\n", 404),
         (b"GET /tasks/1/resolve/?fileuri=x HTTP/1.1\r\nHost: g\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", 400),
     ):
