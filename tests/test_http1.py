@@ -121,6 +121,22 @@ async def test_chunked_transfer_coding_is_undone():
         pool.close()
 
 
+async def test_an_interim_answer_is_skipped():
+    async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.head(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b"after the interim"))
+
+    async with serving(script) as (server, origin):
+        pool = pool_for(origin)
+        for _ in range(2):  # and the connection stays in step for the next request
+            response = await pool.get("/o", {})
+            assert (response.status, await body_of(response)) == (200, b"after the interim")
+            response.release()
+        pool.close()
+    assert server.connections == 1
+
+
 async def test_a_body_without_length_ends_with_the_connection_and_is_not_pooled():
     async def script(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.head(reader)

@@ -133,6 +133,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[MediaResponse] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._keep_alive = False
+        self._interim = False
         self._lost = False
 
     # -- asyncio.Protocol
@@ -172,9 +173,13 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._interim = status < 200
+        if self._interim:
+            return  # 1xx: an interim answer (nobody asked for one); the real one follows
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         until_close = "Content-Length" not in headers and "Transfer-Encoding" not in headers
-        response = MediaResponse(self, self._parser.get_status_code(), headers, until_close)
+        response = MediaResponse(self, status, headers, until_close)
         self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it once the message is complete
         self._response = response
         head, self._head = self._head, None
@@ -186,8 +191,9 @@ class _Connection(asyncio.Protocol):
         self._response._feed(body)
 
     def on_message_complete(self) -> None:
-        assert self._response is not None
-        self._response._end()
+        if not self._interim:
+            assert self._response is not None
+            self._response._end()
 
     # -- used by the pool and the response
     def reusable(self) -> bool:
