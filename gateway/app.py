@@ -99,7 +99,7 @@ def create_app(
         app.cleanup_ctx.append(_workers_context)
 
     media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
-    app[FRONT] = MediaFront(settings, media, app[GUARD], RequestRecorder(access_log, ""))
+    app[FRONT] = MediaFront(settings, media, app[GUARD], app[LIMITER], RequestRecorder(access_log, ""))
     for name, path, handler in (
         ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
         ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),

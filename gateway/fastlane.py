@@ -1,27 +1,34 @@
 """The front of every connection: media cache hits answered without aiohttp, the rest handed to it.
 
-A revalidation (304), a cached signed-URL redirect (303) or a HEAD of a media route costs aiohttp
-about as much CPU as the gateway's own decision: request and response objects, the router, the
-middleware and signal layers, header serialisation. This protocol reads each request head,
-parses it with llhttp (httptools), and if `MediaHandler.from_caches` can answer it, writes the
-answer at once — the same status, headers and metrics as the full path. The first request it
-cannot answer (another route, a request with a body, a cache miss, a refusal to explain, a body
-to stream) hands the connection, with every byte not yet answered, to aiohttp's protocol, which
-serves it from then on. So a connection is the fast lane's only while it carries cache hits.
+For a media request whose token, task and object metadata are cached, aiohttp's share of the
+work — request and response objects, the router, the middleware and signal layers, header
+serialisation, `StreamResponse` writes — costs as much CPU as the gateway's own decisions, or
+more. This protocol reads each request head, parses it with llhttp (httptools) and asks
+`MediaHandler.from_caches`. A bodiless answer (304, a cached signed-URL 303, a HEAD) is written
+at once; a GET's body is streamed from storage (`MediaFront.stream`: the stream caps, the
+full path's headers, backpressure from the client's socket, an abort if storage breaks
+mid-body). Status, headers, metrics and access line are the full path's. The first request it
+cannot answer (another route, a request with a body, a cache miss, a refusal to explain, an
+object changed since its metadata was cached) hands the connection, with every byte not yet
+answered, to aiohttp's protocol, which serves it from then on. So a connection is the fast
+lane's only while it carries cache hits.
 
-Kept deliberately small: only bodiless GET and HEAD requests of HTTP/1.1 keep-alive clients,
-without `Origin` (CORS answers stay with aiohttp), `Expect`, `Upgrade`, a body or a
-percent-encoded path are taken; the rest is aiohttp's. llhttp rejects malformed heads, which
+Kept deliberately small: only GET and HEAD requests without a body from HTTP/1.1 keep-alive
+clients, without `Origin` (CORS answers stay with aiohttp), `Expect`, `Upgrade` or a
+percent-encoded path, are taken; the rest is aiohttp's. llhttp rejects malformed heads, which
 are handed over as they came so that aiohttp answers 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -31,10 +38,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from . import metrics
 from .config import Settings
 from .errors import Refused
-from .netguard import ClientGuard
-from .proxy import Bodiless, MediaHandler
+from .netguard import ClientGuard, IPAddress, StreamLimiter
+from .proxy import Bodiless, MediaHandler, Streamed
+from .storage import StorageError
 
 # The two media routes as aiohttp matches them, on the raw path; a percent-encoded one is aiohttp's.
 _MEDIA_PATH = re.compile(rb"/(?:tasks/(\d{1,18})|projects/([^/?%#{}]+))/resolve/")
@@ -42,21 +51,42 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_HEAD = 16 * 1024  # longer heads go to aiohttp, which answers 431 or 400 by its own limits
 KEEPALIVE_SECONDS = 75.0  # web.run_app's keep-alive timeout, for both lanes
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
+log = logging.getLogger("gateway.proxy")  # the full path's logger: one place to read stream failures
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """A request the fast lane took: what its answer, metrics and access line need."""
+
+    started: float
+    request_id: str
+    method: str
+    path: str
+    route: str
+    task: int | None
+    client: IPAddress | None
+    peer: str | None
+    head_only: bool
 
 
 class MediaFront:
-    """Turns a request head into answer bytes when the caches decide it (`answer`), for one app."""
+    """The fast lane's decisions and answers for one app: `take` a request head, then write a
+    bodiless answer (`bodiless`) or stream one (`stream`)."""
 
-    def __init__(self, settings: Settings, media: MediaHandler, guard: ClientGuard, recorder: object) -> None:
+    def __init__(
+        self, settings: Settings, media: MediaHandler, guard: ClientGuard, limiter: StreamLimiter, recorder: object
+    ) -> None:
         self._settings = settings
         self._media = media
         self._guard = guard
+        self._limiter = limiter
         self._recorder = recorder  # gateway.app.RequestRecorder: the same metrics and access log
         self._vary = settings.cors.origins != ()
         self._date = (0, "")
         self.connections: set[FastLane] = set()
 
-    def answer(self, head: bytes, peer: str | None) -> bytes | None:
+    def take(self, head: bytes, peer: str | None) -> tuple[_Exchange, Bodiless | Streamed] | None:
+        """The exchange and its answer when the caches decide this request head, else None."""
         started = time.perf_counter()
         request = _Head()
         request.parser = parser = httptools.HttpRequestParser(request)
@@ -95,46 +125,129 @@ class MediaFront:
         if answer is None:
             return None
         incoming = headers.get("X-Request-ID", "")
-        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex()
-        data = self._serialise(answer, request_id, verb == "HEAD")
-        if data is None:
+        exchange = _Exchange(
+            started,
+            incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex(),
+            verb,
+            path.decode("latin-1"),
+            "task_resolve" if task_id is not None else "project_resolve",
+            task_id,
+            client,
+            peer,
+            verb == "HEAD",
+        )
+        return exchange, answer
+
+    def bodiless(self, exchange: _Exchange, answer: Bodiless) -> bytes | None:
+        """The answer's bytes, accounted; None if a header cannot be written (aiohttp then answers)."""
+        head = self._head(exchange, answer.status, answer.headers, answer.length)
+        if head is None:
             return None
-        seconds = time.perf_counter() - started
-        route = "task_resolve" if task_id is not None else "project_resolve"
-        self._recorder.account(route, answer.mode, answer.status, len(data), seconds)  # type: ignore[attr-defined]
-        if self._settings.server.access_log:
-            self._recorder.write(  # type: ignore[attr-defined]
-                {
-                    "request_id": request_id,
-                    "method": verb,
-                    "path": path.decode("latin-1"),
-                    "status": answer.status,
-                    "bytes": len(data),
-                    "duration_ms": round(seconds * 1000, 2),
-                    "sub": answer.sub,
-                    "task": task_id,
-                    "error": None,
-                    "remote": None if client is None else str(client),
-                    "peer": peer,
-                }
-            )
+        data = head if exchange.head_only else head + answer.body
+        self._record(exchange, answer.status, answer.mode, answer.sub, len(data), None)
         return data
 
-    def _serialise(self, answer: Bodiless, request_id: str, head_only: bool) -> bytes | None:
-        lines = [f"HTTP/1.1 {answer.status} {_REASONS[answer.status]}"]
-        for name, value in answer.headers.items():
+    async def stream(self, exchange: _Exchange, answer: Streamed, lane: FastLane) -> bool | None:
+        """Stream the answer's body from storage to `lane`, as the full path's `_stream` does.
+
+        True: the connection may carry the next request; False: it is closed (the client left, or
+        storage broke mid-body); None: nothing was written, hand the request to aiohttp (the object
+        changed since its metadata was cached, or a header cannot be written).
+        """
+        try:
+            slot = self._limiter.slot(answer.sub)
+        except Refused as exc:  # at a stream cap: the same 503 / 429 the full path sheds with
+            lane.write(self._error(exchange, answer.sub, exc.status, exc.reason, exc.message, exc.headers))
+            return True
+        with slot:
+            try:
+                reader = await self._media.open_cached(answer)
+            except StorageError as exc:
+                message = exc.public_message or str(exc)
+                lane.write(self._error(exchange, answer.sub, exc.status, exc.reason, message, None))
+                return True
+            if reader is None:
+                return None
+            sent, error = 0, None
+            metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
+            try:
+                head = self._head(exchange, answer.status, answer.headers, answer.length)
+                if head is None:
+                    return None
+                lane.write(head)
+                sent = len(head)
+                async for chunk in reader.chunks():
+                    if not lane.write(chunk):
+                        return False  # the client went away
+                    sent += len(chunk)
+                    if lane.paused:
+                        await lane.drained()
+                return True
+            except StorageError as exc:
+                # Headers are out: the only honest signal left is to close the connection before
+                # Content-Length bytes (what the full path does too).
+                error = exc.reason
+                log.warning("upstream failed mid-body (%s): aborting the client connection", exc.reason)
+                lane.close()
+                return False
+            finally:
+                reader.close()
+                metrics.BATCH.inc(metrics.ACTIVE_STREAMS, -1)
+                if sent:
+                    self._record(exchange, answer.status, "proxy", answer.sub, sent, error)
+
+    def _error(
+        self,
+        exchange: _Exchange,
+        sub: str,
+        status: int,
+        reason: str,
+        message: str,
+        headers: dict[str, str] | None,
+    ) -> bytes:
+        """A JSON error as app.json_error writes it (the same body bytes, status and headers)."""
+        body = json.dumps({"error": reason, "message": message}).encode()
+        fields = {**(headers or {}), "Content-Type": "application/json; charset=utf-8"}
+        head = self._head(exchange, status, fields, len(body))
+        assert head is not None  # our own header values
+        data = head if exchange.head_only else head + body
+        self._record(exchange, status, "proxy", sub, len(data), reason)
+        return data
+
+    def _head(self, exchange: _Exchange, status: int, headers: dict[str, str], length: int) -> bytes | None:
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
+        for name, value in headers.items():
             if "\r" in value or "\n" in value:
                 return None  # aiohttp refuses such a header too: let it answer
             lines.append(f"{name}: {value}")
-        if answer.status != 304:
-            lines.append(f"Content-Length: {answer.length}")
+        if status != 304:
+            lines.append(f"Content-Length: {length}")
         if self._vary:
             lines.append("Vary: Origin")
         lines.append(f"Date: {self._http_date()}")
         lines.append("Server: media-gateway")
-        lines.append(f"X-Request-ID: {request_id}")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return data if head_only else data + answer.body
+        lines.append(f"X-Request-ID: {exchange.request_id}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _record(self, exchange: _Exchange, status: int, mode: str, sub: str, sent: int, error: str | None) -> None:
+        seconds = time.perf_counter() - exchange.started
+        self._recorder.account(exchange.route, mode, status, sent, seconds)  # type: ignore[attr-defined]
+        if self._settings.server.access_log:
+            self._recorder.write(  # type: ignore[attr-defined]
+                {
+                    "request_id": exchange.request_id,
+                    "method": exchange.method,
+                    "path": exchange.path,
+                    "status": status,
+                    "bytes": sent,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "sub": sub,
+                    "task": exchange.task,
+                    "error": error,
+                    "remote": None if exchange.client is None else str(exchange.client),
+                    "peer": exchange.peer,
+                }
+            )
 
     def _http_date(self) -> str:
         now = int(time.time())
@@ -142,7 +255,16 @@ class MediaFront:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
-    def close_all(self) -> None:
+    async def stop(self, timeout: float) -> None:
+        """On shutdown: close idle connections at once, let streams finish for up to `timeout`
+        seconds (as aiohttp's shutdown does for its own), then close what is left."""
+        streaming = [c.streaming for c in self.connections if c.streaming is not None]
+        for connection in list(self.connections):
+            connection.stopping = True
+            if connection.streaming is None:
+                connection.close()
+        if streaming:
+            await asyncio.wait(streaming, timeout=timeout)
         for connection in list(self.connections):
             connection.close()
 
@@ -204,7 +326,11 @@ class FastLane(asyncio.Protocol):
         self._buffer = bytearray()
         self.peer: object = None  # the socket's peer name, as asyncio gives it
         self._peer: str | None = None  # its address, for the client allowlist and the access log
-        self._paused = False  # the client is not reading our answers: stop reading its requests
+        self.paused = False  # the client is not reading our answers: stop reading its requests
+        self._drain: asyncio.Future[None] | None = None
+        self._lost = False
+        self.streaming: asyncio.Task[None] | None = None  # the body being sent, if any
+        self.stopping = False  # shutting down: close once the current answer is out
         self._idle: asyncio.TimerHandle | None = None
         self._active = 0.0  # loop time of the last bytes received
 
@@ -217,12 +343,13 @@ class FastLane(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        self._serve()
+        if self.streaming is None:
+            self._serve()
 
     def _serve(self) -> None:
         buffer, transport = self._buffer, self._transport
         assert transport is not None
-        while not self._paused:
+        while not self.paused and self.streaming is None and not self._lost:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(buffer) > _MAX_HEAD or b"\n\n" in buffer:  # too long, or bare LF line ends: aiohttp says 400
@@ -230,31 +357,85 @@ class FastLane(asyncio.Protocol):
                 else:
                     self._arm()
                 return
-            answer = self._front.answer(bytes(buffer[: end + 4]), self._peer)
-            if answer is None:
+            taken = self._front.take(bytes(buffer[: end + 4]), self._peer)
+            if taken is None:
+                self._hand_over()
+                return
+            exchange, answer = taken
+            if isinstance(answer, Streamed):
+                self._disarm()  # a stream's own timeouts bound it
+                self.streaming = asyncio.get_running_loop().create_task(self._stream(exchange, answer, end + 4))
+                return
+            data = self._front.bodiless(exchange, answer)
+            if data is None:
                 self._hand_over()
                 return
             del buffer[: end + 4]
-            transport.write(answer)
+            transport.write(data)
+        if self.stopping and self.streaming is None:
+            self.close()
 
+    async def _stream(self, exchange: _Exchange, answer: Streamed, consumed: int) -> None:
+        try:
+            outcome = await self._front.stream(exchange, answer, self)
+        except asyncio.CancelledError:
+            if not self._lost:
+                raise
+            return  # the client left while storage was being read: nothing more to do
+        finally:
+            self.streaming = None
+        if outcome is None:
+            self._hand_over()  # the request's bytes are still at the buffer's start
+        elif outcome and not self._lost:
+            del self._buffer[:consumed]
+            if self.stopping:
+                self.close()
+            else:
+                self._serve()
+
+    # -- used by MediaFront.stream
+    def write(self, data: bytes) -> bool:
+        if self._lost or self._transport is None:
+            return False
+        self._transport.write(data)
+        return True
+
+    async def drained(self) -> None:
+        """Until the client has read enough of what was written (or left)."""
+        if self.paused and not self._lost:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    # -- asyncio.Protocol
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
+        self._wake()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
-            self._serve()
+            if self.streaming is None:
+                self._serve()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._disarm()
         self._front.connections.discard(self)
+        self._wake()
+        if self.streaming is not None:
+            self.streaming.cancel()  # stop reading storage for a client that is gone
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+    def _wake(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def _hand_over(self) -> None:
         """From now on aiohttp's protocol owns the connection, starting with the unanswered bytes."""
@@ -262,6 +443,8 @@ class FastLane(asyncio.Protocol):
         self._front.connections.discard(self)
         transport = self._transport
         assert transport is not None
+        if self.paused:  # never: a hand-over happens between answers, with the client reading
+            transport.resume_reading()
         protocol = self._aiohttp_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
@@ -280,7 +463,9 @@ class FastLane(asyncio.Protocol):
     def _expire(self) -> None:
         loop = asyncio.get_running_loop()
         quiet = loop.time() - self._active
-        if quiet >= self._keepalive:
+        if self.streaming is not None:
+            self._idle = None  # re-armed when the stream ends and the next head is awaited
+        elif quiet >= self._keepalive:
             self._idle = None
             self.close()
         else:
@@ -321,6 +506,7 @@ async def serve(
         await asyncio.Future()  # until cancelled
     finally:
         if listener is not None:
-            listener.close()  # no new connections; aiohttp's shutdown below waits for its requests
-        front.close_all()  # the fast lane's connections have no request in progress between reads
-        await runner.cleanup()
+            listener.close()  # no new connections
+        # Both lanes let the bodies they are sending finish, for up to shutdown_timeout together.
+        await asyncio.gather(front.stop(shutdown_timeout), runner.cleanup())
+        metrics.BATCH.flush()  # what streams that ended during the shutdown counted

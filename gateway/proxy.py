@@ -99,6 +99,22 @@ class Bodiless:
     sub: str
 
 
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A GET the caches decide whose body comes from storage: the fast lane streams it through
+    `MediaHandler.open_cached`. `span`: the byte range to ask storage for (None: the whole object)."""
+
+    status: int
+    headers: dict[str, str]
+    length: int
+    sub: str
+    backend: Backend
+    key: str
+    span: ByteRange | None
+    plan: Plan
+    etag: str
+
+
 def _delivers(plan: Plan, reader: ObjectReader) -> bool:
     """Whether an open download carries exactly the span the plan promises to the client."""
     return (plan.status == 206) == reader.partial and (plan.first, plan.last) == (reader.first, reader.last)
@@ -172,13 +188,14 @@ class MediaHandler:
         headers: CIMultiDictProxy[str],
         cookies: Mapping[str, str],
         client: IPAddress | None,
-    ) -> Bodiless | None:
-        """The answer to a media request when the caches alone decide it and it has no body, else None.
+    ) -> Bodiless | Streamed | None:
+        """The answer to a media request when the caches alone decide it, else None.
 
         The same decisions as the handlers above, in the same order, with every lookup a cache
         peek: a verified token, a known task, the object's metadata, a signed URL with life left.
-        Anything else — a miss, a refusal to explain, a body to stream, a Label Studio credential —
-        is None, and the request goes the full way.
+        A bodiless answer comes whole; a GET with a body comes as what to stream. Anything else —
+        a miss, a refusal to explain, a Label Studio credential — is None, and the request goes
+        the full way.
         """
         if self._label_studio is not None:
             return None
@@ -217,12 +234,37 @@ class MediaHandler:
         plan = plan_response(method, headers, meta.etag, meta.last_modified, meta.size)
         if plan.status == 304:
             answer = Bodiless(304, _not_modified(entry), b"", 0, "proxy", claims.sub)
-        elif method == "HEAD" and plan.status in (200, 206):
+        elif plan.status not in (200, 206):
+            return None  # 412, 416: JSON bodies the full path writes
+        elif method == "HEAD":
             answer = Bodiless(plan.status, self._headers(query, plan, entry), b"", plan.length, "proxy", claims.sub)
         else:
-            return None
+            span = ByteRange(plan.first, plan.last) if plan.status == 206 else None
+            answer = Streamed(
+                plan.status,
+                self._headers(query, plan, entry),
+                plan.length,
+                claims.sub,
+                self._catalog.backend(storage),
+                uri.key,
+                span,
+                plan,
+                meta.etag,
+            )
         metrics.BATCH.inc(metrics.METADATA_HIT)
         return answer
+
+    async def open_cached(self, answer: Streamed) -> ObjectReader | None:
+        """The download a fast-lane GET streams; None when the object changed or went away since its
+        metadata was cached (the full path then asks storage again). StorageError as `Backend.open`."""
+        try:
+            reader = await answer.backend.open(answer.key, answer.span)
+        except (RangeNotSatisfiable, ObjectNotFound):
+            return None
+        if reader.meta.etag == answer.etag and _delivers(answer.plan, reader):
+            return reader
+        reader.close()
+        return None
 
     def _label_studio_credential(self, request: web.Request, token: str | None) -> Credential | None:
         """Label Studio's credential when the authenticator is on and the request carries one

@@ -1,4 +1,4 @@
-"""gateway/fastlane.py: cache hits answered before aiohttp, exactly as aiohttp's path answers them.
+"""gateway/fastlane.py: cache hits answered (and streamed) before aiohttp, as aiohttp's path answers them.
 
 A real `serve()` (the production front) on loopback, fake-gcs-server behind it, raw sockets in
 front so that each test decides what travels on which connection: a connection that starts with
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -17,13 +18,14 @@ import pytest
 
 from gateway import metrics
 from gateway.app import create_app
-from gateway.state import FRONT, REGISTRY
+from gateway.state import FRONT, LIMITER, REGISTRY
 
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
 from .test_presign import service_account_json
 
 CLIP = StoredObject("video/clip.bin", bytes(range(256)) * 1000, "video/mp4")
 PAGE = StoredObject("pages/page.html", b"<p>hello</p>", "text/html")
+BIG = StoredObject("video/big.bin", os.urandom(8 * 1024 * 1024), "video/mp4")
 
 
 @dataclass
@@ -69,23 +71,29 @@ def keepalive() -> float:
 
 
 @pytest.fixture
-async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive):
+def limits() -> dict[str, int]:
+    return {}
+
+
+@pytest.fixture
+async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive, limits):
     """A proxied and a presigned storage, one task referencing an object of each."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
     plain_bucket, signed_bucket = f"lane-{uuid.uuid4().hex[:10]}", f"lane-signed-{uuid.uuid4().hex[:10]}"
-    plain = seed("gcs", plain_bucket, [CLIP, PAGE], tmp_path, emulator)
+    plain = seed("gcs", plain_bucket, [CLIP, PAGE, BIG], tmp_path, emulator)
     plain.update(id="plain")
     signed = seed("gcs", signed_bucket, [CLIP], tmp_path, emulator)
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     signed.update(id="signed", presign=True, presign_ttl=15, google_application_credentials=service_account_json(key))
-    app = create_app(build_settings([plain, signed], tmp_path, server={"access_log": True}))
+    app = create_app(build_settings([plain, signed], tmp_path, server={"access_log": True}, limits=limits))
     uris = {"clip": f"gs://{plain_bucket}/{CLIP.key}", "page": f"gs://{plain_bucket}/{PAGE.key}"}
     uris["signed"] = f"gs://{signed_bucket}/{CLIP.key}"
+    uris["big"] = f"gs://{plain_bucket}/{BIG.key}"
     (task,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": uris}])
     client = await fastlane(app, keepalive_timeout=keepalive)
-    return Lane(client.port, app, task, uris, make_token(tasks=[task]))
+    return Lane(client.port, app, task, uris, make_token(tasks=[task]), emulator, plain_bucket)
 
 
 @dataclass
@@ -95,6 +103,8 @@ class Lane:
     task: int
     uris: dict[str, str]
     token: str
+    emulator: object
+    bucket: str
 
     async def connect(self) -> Connection:
         return Connection(*await asyncio.open_connection("127.0.0.1", self.port))
@@ -154,6 +164,12 @@ CASES = {
     "signed redirect": ("signed", [], "GET", ""),
     "signed redirect, HEAD": ("signed", [], "HEAD", ""),
     "signed redirect ?download=1": ("signed", [], "GET", "&download=1"),
+    "GET, streamed": ("clip", [], "GET", ""),
+    "GET of a range, streamed": ("clip", ["Range: bytes=1000-70999"], "GET", ""),
+    "GET of a suffix range": ("clip", ["Range: bytes=-100"], "GET", ""),
+    "GET with a stale If-Range": ("clip", ['If-Range: "0"', "Range: bytes=0-9"], "GET", ""),
+    "GET ?download=1": ("clip", [], "GET", "&download=1"),
+    "GET of an active type": ("page", [], "GET", ""),
 }
 
 
@@ -217,7 +233,6 @@ async def test_a_request_head_split_across_writes_is_answered_once_complete(lane
 
 
 HANDED_OVER = {
-    "a body to stream": ([], 200),
     "a cross-origin request": (["Origin: https://labels.example"], 304),
     "Expect": (["Expect: 100-continue"], 304),
     "Connection: close": (["Connection: close"], 304),
@@ -229,8 +244,7 @@ HANDED_OVER = {
 async def test_requests_the_fast_lane_leaves_to_aiohttp(lane, case):
     extra, status = HANDED_OVER[case]
     await lane.through_aiohttp(lane.request("clip"))
-    conditional = [] if status == 200 else ["If-None-Match: *"]
-    request = lane.request("clip", *conditional, *extra)
+    request = lane.request("clip", "If-None-Match: *", *extra)
     if "Content-Length: 3" in extra:
         request += b"abc"
     connection = await lane.connect()
@@ -318,7 +332,7 @@ async def test_shutdown_closes_the_fast_lane_connections(lane, fastlane, tmp_pat
     connection = await lane.connect()
     await connection.send(lane.request("clip", "If-None-Match: *"))
     assert (await connection.answer()).status == 304
-    lane.app[FRONT].close_all()  # what serve() does on shutdown, before aiohttp's graceful shutdown
+    await lane.app[FRONT].stop(1.0)  # what serve() does on shutdown, beside aiohttp's graceful shutdown
     assert await connection.closed()
     connection.close()
 
@@ -338,5 +352,101 @@ async def test_an_idle_fast_lane_connection_is_closed_after_the_keep_alive_timeo
         quiet = loop.time()
         assert await connection.closed()  # then silence: the gateway hangs up
         assert loop.time() - quiet >= 0.25 and loop.time() - started >= 0.65
+    finally:
+        connection.close()
+
+
+def server_side(lane: Lane, connection: Connection):  # type: ignore[no-untyped-def]
+    port = connection.writer.get_extra_info("sockname")[1]
+    return next(c for c in lane.app[FRONT].connections if c.peer[1] == port)  # type: ignore[index]
+
+
+async def eventually(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(10):
+        while not predicate():
+            await asyncio.sleep(0.01)  # polling a condition, bounded: not a timing assumption
+
+
+async def test_a_stream_then_a_revalidation_on_one_connection(lane):
+    await lane.through_aiohttp(lane.request("clip"))
+    connection = await lane.connect()
+    try:
+        await connection.send(lane.request("clip") + lane.request("clip", "If-None-Match: *"))
+        first, second = await connection.answer(), await connection.answer()
+        assert (first.status, first.body, second.status) == (200, CLIP.data, 304)
+        assert lane.in_fast_lane(connection)
+    finally:
+        connection.close()
+
+
+async def test_a_slow_reader_holds_the_stream_back_and_gets_every_byte(lane):
+    await lane.through_aiohttp(lane.request("big", "Range: bytes=0-0"))
+    connection = await lane.connect()
+    try:
+        await connection.send(lane.request("big"))
+        await eventually(lambda: lane.in_fast_lane(connection) and server_side(lane, connection).paused, "pause")
+        answer = await connection.answer()  # now read it all
+        assert answer.status == 200 and answer.body == BIG.data
+    finally:
+        connection.close()
+
+
+async def test_a_client_leaving_mid_stream_frees_its_slot_and_the_gauge(lane):
+    limiter = lane.app[LIMITER]  # type: ignore[index]
+    await lane.through_aiohttp(lane.request("big", "Range: bytes=0-0"))
+    metrics.BATCH.flush()
+    streams_before = metrics.ACTIVE_STREAMS._value.get()
+    connection = await lane.connect()
+    await connection.send(lane.request("big"))
+    await connection.reader.readexactly(100_000)
+    assert limiter.active == 1
+    connection.close()
+    await eventually(lambda: limiter.active == 0 and not lane.app[FRONT].connections, "the slot back")  # type: ignore[index]
+    metrics.BATCH.flush()
+    assert metrics.ACTIVE_STREAMS._value.get() == streams_before
+
+
+@pytest.mark.parametrize("limits", [{"max_streams_per_subject": 1}])
+async def test_a_stream_beyond_the_subjects_cap_is_refused_as_the_full_path_refuses_it(lane):
+    await lane.through_aiohttp(lane.request("big", "Range: bytes=0-0"))
+    await lane.through_aiohttp(lane.request("clip", method="HEAD"), head_request=True)  # metadata, no stream
+    holder = await lane.connect()  # holds the subject's one stream: it does not read
+    try:
+        await holder.send(lane.request("big"))
+        await eventually(lambda: lane.app[LIMITER].active == 1, "one stream held")  # type: ignore[index]
+        refused_full = await lane.through_aiohttp(lane.request("clip"))
+        refused_fast = await lane.through_fast_lane(lane.request("clip"))
+        assert comparable(refused_fast) == comparable(refused_full)
+        assert refused_fast.status == 429 and json.loads(refused_fast.body)["error"] == "too_many_streams"
+        assert refused_fast.headers["retry-after"]
+    finally:
+        holder.close()
+
+
+async def test_an_object_changed_behind_the_gateway_is_served_anew_by_the_full_path(lane):
+    first = await lane.through_aiohttp(lane.request("clip"))
+    lane.emulator.upload(lane.bucket, CLIP.key, b"new bytes", CLIP.content_type)  # type: ignore[attr-defined]
+    connection = await lane.connect()
+    try:
+        await connection.send(lane.request("clip"))
+        answer = await connection.answer()
+        assert (answer.status, answer.body) == (200, b"new bytes")
+        assert answer.headers["etag"] != first.headers["etag"]
+        assert not lane.in_fast_lane(connection)  # the fast lane left it to the full path
+    finally:
+        connection.close()
+
+
+async def test_shutdown_lets_a_running_stream_finish_then_closes(lane):
+    await lane.through_aiohttp(lane.request("big", "Range: bytes=0-0"))
+    connection = await lane.connect()
+    try:
+        await connection.send(lane.request("big"))
+        await eventually(lambda: lane.in_fast_lane(connection) and server_side(lane, connection).paused, "pause")
+        stopping = asyncio.create_task(lane.app[FRONT].stop(10.0))  # type: ignore[index]
+        answer = await connection.answer()
+        assert answer.status == 200 and answer.body == BIG.data
+        assert await connection.closed()
+        await asyncio.wait_for(stopping, 10)
     finally:
         connection.close()
