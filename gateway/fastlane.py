@@ -345,6 +345,8 @@ class FastLane(asyncio.Protocol):
         self._buffer += data
         if self.streaming is None:
             self._serve()
+        elif len(self._buffer) > _MAX_HEAD and self._transport is not None:
+            self._transport.pause_reading()  # pipelined requests wait for the stream: hold the rest back
 
     def _serve(self) -> None:
         buffer, transport = self._buffer, self._transport
@@ -372,8 +374,6 @@ class FastLane(asyncio.Protocol):
                 return
             del buffer[: end + 4]
             transport.write(data)
-        if self.stopping and self.streaming is None:
-            self.close()
 
     async def _stream(self, exchange: _Exchange, answer: Streamed, consumed: int) -> None:
         try:
@@ -384,14 +384,18 @@ class FastLane(asyncio.Protocol):
             return  # the client left while storage was being read: nothing more to do
         finally:
             self.streaming = None
+        if self._lost or outcome is False:
+            return
         if outcome is None:
             self._hand_over()  # the request's bytes are still at the buffer's start
-        elif outcome and not self._lost:
-            del self._buffer[:consumed]
-            if self.stopping:
-                self.close()
-            else:
-                self._serve()
+            return
+        del self._buffer[:consumed]
+        if self.stopping:
+            self.close()
+            return
+        if not self.paused and self._transport is not None:
+            self._transport.resume_reading()  # if data_received held it back during the stream
+        self._serve()
 
     # -- used by MediaFront.stream
     def write(self, data: bytes) -> bool:

@@ -450,3 +450,22 @@ async def test_shutdown_lets_a_running_stream_finish_then_closes(lane):
         await asyncio.wait_for(stopping, 10)
     finally:
         connection.close()
+
+
+async def test_many_requests_pipelined_behind_a_stream_are_answered_after_it_in_order(lane):
+    await lane.through_aiohttp(lane.request("big", "Range: bytes=0-0"))
+    await lane.through_aiohttp(lane.request("clip"))
+    connection = await lane.connect()
+    try:
+        revalidation = lane.request("clip", "If-None-Match: *")
+        count = 64 * 1024 // len(revalidation) + 1  # more than the fast lane buffers behind a stream
+        await connection.send(lane.request("big"))
+        await eventually(lambda: lane.in_fast_lane(connection) and server_side(lane, connection).paused, "pause")
+        connection.writer.write(revalidation * count)  # not drained: the gateway may stop reading
+        answer = await connection.answer()
+        assert answer.status == 200 and answer.body == BIG.data
+        for _ in range(count):
+            assert (await connection.answer()).status == 304
+        assert lane.in_fast_lane(connection)
+    finally:
+        connection.close()
