@@ -171,7 +171,7 @@ class MediaFront:
             sent, error = 0, None
             metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
             try:
-                head = self._head(exchange, answer.status, answer.headers, answer.length)
+                head = self._head(exchange, answer.plan.status, answer.headers, answer.plan.length)
                 if head is None:
                     return None
                 lane.write(head)
@@ -194,7 +194,7 @@ class MediaFront:
                 reader.close()
                 metrics.BATCH.inc(metrics.ACTIVE_STREAMS, -1)
                 if sent:
-                    self._record(exchange, answer.status, "proxy", answer.sub, sent, error)
+                    self._record(exchange, answer.plan.status, "proxy", answer.sub, sent, error)
 
     def _error(
         self,

@@ -86,6 +86,11 @@ def _signing_overrides(query: Mapping[str, str], entry: _Entry) -> dict[str, str
     return {}
 
 
+def _signed_key(storage: StorageSettings, uri: GsUri, entry: _Entry, overrides: dict[str, str]) -> tuple[object, ...]:
+    """The SignedUrlCache key: the object's generation is part of it, so an overwritten object gets a new URL."""
+    return (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
+
+
 @dataclass(frozen=True, slots=True)
 class Bodiless:
     """An answer made from the caches alone, without a body to stream (gateway/fastlane.py):
@@ -102,16 +107,13 @@ class Bodiless:
 @dataclass(frozen=True, slots=True)
 class Streamed:
     """A GET the caches decide whose body comes from storage: the fast lane streams it through
-    `MediaHandler.open_cached`. `span`: the byte range to ask storage for (None: the whole object)."""
+    `MediaHandler.open_cached`."""
 
-    status: int
+    plan: Plan  # 200 or 206, and the span to send
     headers: dict[str, str]
-    length: int
     sub: str
     backend: Backend
     key: str
-    span: ByteRange | None
-    plan: Plan
     etag: str
 
 
@@ -222,8 +224,7 @@ class MediaHandler:
             return None
         if storage.presign:
             ttl = storage.presign_ttl * 60
-            key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(_signing_overrides(query, entry).items())))
-            signed = self._signed.cached(key, ttl)
+            signed = self._signed.cached(_signed_key(storage, uri, entry, _signing_overrides(query, entry)), ttl)
             if signed is None:
                 return None
             metrics.BATCH.inc(metrics.METADATA_HIT)
@@ -239,29 +240,22 @@ class MediaHandler:
         elif method == "HEAD":
             answer = Bodiless(plan.status, self._headers(query, plan, entry), b"", plan.length, "proxy", claims.sub)
         else:
-            span = ByteRange(plan.first, plan.last) if plan.status == 206 else None
-            answer = Streamed(
-                plan.status,
-                self._headers(query, plan, entry),
-                plan.length,
-                claims.sub,
-                self._catalog.backend(storage),
-                uri.key,
-                span,
-                plan,
-                meta.etag,
-            )
+            headers_out = self._headers(query, plan, entry)
+            answer = Streamed(plan, headers_out, claims.sub, self._catalog.backend(storage), uri.key, meta.etag)
         metrics.BATCH.inc(metrics.METADATA_HIT)
         return answer
 
     async def open_cached(self, answer: Streamed) -> ObjectReader | None:
         """The download a fast-lane GET streams; None when the object changed or went away since its
         metadata was cached (the full path then asks storage again). StorageError as `Backend.open`."""
+        plan = answer.plan
         try:
-            reader = await answer.backend.open(answer.key, answer.span)
+            reader = await answer.backend.open(
+                answer.key, ByteRange(plan.first, plan.last) if plan.status == 206 else None
+            )
         except (RangeNotSatisfiable, ObjectNotFound):
             return None
-        if reader.meta.etag == answer.etag and _delivers(answer.plan, reader):
+        if reader.meta.etag == answer.etag and _delivers(plan, reader):
             return reader
         reader.close()
         return None
@@ -374,8 +368,7 @@ class MediaHandler:
             metrics.SIGNED_URLS.labels(signer.method).inc()
             return url
 
-        key = (storage.id, uri.key, entry.meta.etag, tuple(sorted(overrides.items())))
-        url, expires_at, hit = await self._signed.get(key, ttl, sign)
+        url, expires_at, hit = await self._signed.get(_signed_key(storage, uri, entry, overrides), ttl, sign)
         metrics.BATCH.inc(metrics.SIGNED_CACHE_HIT if hit else metrics.SIGNED_CACHE_MISS)
         return web.Response(status=303, body=SEE_OTHER, headers=self._see_other(url, expires_at, ttl))
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import Update, and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -49,6 +49,15 @@ def _pending(now: float) -> Any:
         d.next_attempt_at <= now,
         or_(d.lease_until.is_(None), d.lease_until < now),
     )
+
+
+def _update(delivery: Delivery, worker: str | None = None) -> Update:
+    """An UPDATE of one delivery's row; with `worker`, only while that worker holds its lease."""
+    d = deliveries_table.c
+    statement = update(deliveries_table).where(
+        d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id
+    )
+    return statement if worker is None else statement.where(d.lease_owner == worker)
 
 
 class Outbox:
@@ -179,14 +188,8 @@ class Outbox:
     @_to_the_end
     async def release(self, delivery: Delivery, worker: str) -> None:
         """Give a leased delivery back untried (its lease ran out before its turn came)."""
-        d = deliveries_table.c
         async with self.registry._begin() as conn:
-            await conn.execute(
-                update(deliveries_table)
-                .where(d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
-                .where(d.lease_owner == worker)
-                .values(lease_owner=None, lease_until=None)
-            )
+            await conn.execute(_update(delivery, worker).values(lease_owner=None, lease_until=None))
 
     async def state(self, annotation_id: int) -> AnnotationState | None:
         a = annotations_table.c
@@ -205,13 +208,9 @@ class Outbox:
         """
         d = deliveries_table.c
         now = time.time()
-        where = (d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
         async with self.registry._begin() as conn:
             result = await conn.execute(
-                update(deliveries_table)
-                .where(*where)
-                .where(d.lease_owner == worker)
-                .values(
+                _update(delivery, worker).values(
                     delivered_version=case((d.delivered_version > version, d.delivered_version), else_=version),
                     lease_owner=None,
                     lease_until=None,
@@ -223,9 +222,7 @@ class Outbox:
             )
             if result.rowcount == 0:
                 await conn.execute(
-                    update(deliveries_table)
-                    .where(*where)
-                    .values(
+                    _update(delivery).values(
                         delivered_version=0,
                         lease_owner=None,
                         lease_until=None,
@@ -239,10 +236,7 @@ class Outbox:
         d = deliveries_table.c
         async with self.registry._begin() as conn:
             await conn.execute(
-                update(deliveries_table)
-                .where(d.target_id == delivery.target_id, d.annotation_id == delivery.annotation_id)
-                .where(d.lease_owner == worker)
-                .values(
+                _update(delivery, worker).values(
                     attempts=d.attempts + 1,
                     next_attempt_at=time.time() + retry_in,
                     lease_owner=None,

@@ -102,6 +102,11 @@ class GcsBackend:
         """The object's encoded URL, built once: yarl then skips re-quoting on every request."""
         return URL(f"{self._object_url}{quote(key, safe='')}?{query}", encoded=True)
 
+    @lru_cache(maxsize=4096)  # noqa: B019 - as _url
+    def _media_path(self, key: str) -> str:
+        """The object's download target (path and query) for `MediaPool`, quoted once per key."""
+        return f"{self._media_target}{quote(key, safe='')}?alt=media"
+
     async def stat(self, key: str) -> ObjectMeta:
         response = await self._request("stat", self._url(key, f"fields={_META_FIELDS}"))
         async with response:
@@ -128,7 +133,7 @@ class GcsBackend:
         if byte_range is not None:
             headers["Range"] = byte_range.header_value()
         started = time.perf_counter()
-        target = f"{self._media_target}{quote(key, safe='')}?alt=media"
+        target = self._media_path(key)
         response = await self._attempts("open", lambda headers: self._media.get(target, headers), headers)
         if response.status not in (200, 206):
             response.release()
