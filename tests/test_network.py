@@ -226,7 +226,7 @@ def test_network_settings_from_file_and_environment(tmp_path):
     )
     assert settings.network.client_allowlist == ("192.0.2.0/24", "2001:db8::/32")
     assert settings.network.trusted_proxies == ("10.0.0.0/8",)
-    assert settings.limits.max_streams == 3 and settings.limits.max_streams_per_subject == 0
+    assert settings.limits.max_streams == 3 and settings.limits.max_streams_per_subject == 64
     with pytest.raises(ConfigError, match=r"^\[network\].client_allowlist: 'nope' is not"):
         settings_from_dict({"auth": {"secret": SECRET}}, env={"GATEWAY_NETWORK_CLIENT_ALLOWLIST": "nope"})
 
