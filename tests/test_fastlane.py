@@ -76,7 +76,12 @@ def limits() -> dict[str, int]:
 
 
 @pytest.fixture
-async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive, limits):
+def server() -> dict[str, float]:
+    return {}
+
+
+@pytest.fixture
+async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive, limits, server):
     """A proxied and a presigned storage, one task referencing an object of each."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
     plain_bucket, signed_bucket = f"lane-{uuid.uuid4().hex[:10]}", f"lane-signed-{uuid.uuid4().hex[:10]}"
@@ -89,7 +94,10 @@ async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive, limits):
     signed.update(id="signed", presign=True, presign_ttl=15, google_application_credentials=service_account_json(key))
     app = create_app(
         build_settings(
-            [plain, signed], tmp_path, server={"access_log": True, "keepalive_timeout": keepalive}, limits=limits
+            [plain, signed],
+            tmp_path,
+            server={"access_log": True, "keepalive_timeout": keepalive, **server},
+            limits=limits,
         )
     )
     uris = {"clip": f"gs://{plain_bucket}/{CLIP.key}", "page": f"gs://{plain_bucket}/{PAGE.key}"}
