@@ -301,8 +301,7 @@ class LaneClient:
 
     def __init__(self, app: Any, port: int, access: AccessLines) -> None:
         base = f"http://127.0.0.1:{port}"
-        one = aiohttp.TCPConnector(limit=1)  # every media request on one keep-alive connection
-        self.media = aiohttp.ClientSession(base_url=base, auto_decompress=False, connector=one)
+        self.media = aiohttp.ClientSession(base_url=base, auto_decompress=False)  # keep-alive, media only
         self.other = aiohttp.ClientSession(base_url=base, auto_decompress=False)
         self.app, self.port, self.access = app, port, access
         self.server = types.SimpleNamespace(app=app, host="127.0.0.1", port=port)  # as aiohttp's TestClient
