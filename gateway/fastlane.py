@@ -86,6 +86,7 @@ class MediaFront:
         self._cors = cors
         self._recorder = recorder
         self._max_head = settings.max_line_size + settings.max_headers * (settings.max_field_size + 2) + 4
+        self.tick_period = min(settings.head_timeout, settings.keepalive_timeout, settings.send_timeout)
         self._date = (0, "")
         self.connections: set[FastLane] = set()
 
@@ -213,7 +214,9 @@ class FastLane(asyncio.Protocol):
         self.busy: asyncio.Task[None] | None = None  # the answer being prepared or streamed, if any
         self.stopping = False  # shutting down: close once the current answer is out
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_kind = ""
+        self._timer_kind = ""  # which deadline applies: "idle", "head", "send", or none
+        self._deadline = 0.0
+        self._loop = asyncio.get_running_loop()
 
     @property
     def forwarding(self) -> bool:
@@ -278,7 +281,7 @@ class FastLane(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._disarm()
+        self._stop_timer()
         self._front.connections.discard(self)
         if self._aiohttp is not None:
             self._aiohttp.connection_lost(exc)
@@ -326,7 +329,7 @@ class FastLane(asyncio.Protocol):
                 self._hand_over()
                 return
             self._disarm()  # the answer's own timeouts bound it from here
-            self.busy = asyncio.get_running_loop().create_task(self._answer(exchange, media, facts, outcome, size))
+            self.busy = self._loop.create_task(self._answer(exchange, media, facts, outcome, size))
             return
 
     async def _answer(self, exchange: Exchange, media: MediaRequest, facts: Facts, outcome: Outcome, size: int) -> None:
@@ -425,7 +428,7 @@ class FastLane(asyncio.Protocol):
     async def drained(self) -> None:
         """Until the client has read enough of what was written (or left)."""
         if self.paused and not self._lost:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self._loop.create_future()
             await self._drain
 
     def close(self) -> None:
@@ -440,7 +443,7 @@ class FastLane(asyncio.Protocol):
     def _hand_over(self) -> None:
         """From now on aiohttp's protocol serves the connection, starting with the unanswered bytes;
         this protocol forwards to it and keeps the head deadline and the send timeout."""
-        self._disarm()
+        self._disarm()  # aiohttp's keep-alive timer takes over the idle connection
         transport = self._transport
         assert transport is not None
         protocol = self._aiohttp = self._aiohttp_protocol()
@@ -474,26 +477,40 @@ class FastLane(asyncio.Protocol):
         if self._timer_kind == "head":
             self._disarm()
 
-    # -- timers: one per connection, for whichever deadline applies now
+    # -- timers: one per connection, for whichever deadline applies now. Arming and disarming only
+    # write the deadline (they happen twice per request); the one timer fires at least every
+    # `_tick_period` seconds — no longer than the shortest timeout — and checks it, so a deadline
+    # is never late and a busy connection creates no timer per request.
     def _idle(self) -> None:
         self._arm("idle", self._settings.keepalive_timeout)
 
     def _arm(self, kind: str, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_kind = kind
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+        now = self._loop.time()
+        self._timer_kind, self._deadline = kind, now + seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(min(self._deadline, now + self._front.tick_period), self._tick)
 
     def _disarm(self) -> None:
+        self._timer_kind = ""  # a pending timer finds nothing to check and lets itself go
+
+    def _stop_timer(self) -> None:
+        self._timer_kind = ""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_kind = ""
 
-    def _expire(self) -> None:
-        """No complete head in time, an idle keep-alive connection, or a client accepting no byte:
-        the connection goes (abort: nothing queued for that client is worth flushing)."""
-        kind, self._timer, self._timer_kind = self._timer_kind, None, ""
+    def _tick(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if not kind:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(min(self._deadline, now + self._front.tick_period), self._tick)
+            return
+        # No complete head in time, an idle keep-alive connection, or a client accepting no byte:
+        # the connection goes (abort: nothing queued for that client is worth flushing).
+        self._timer_kind = ""
         if self._transport is None:
             return
         if kind == "idle":
