@@ -81,7 +81,11 @@ class Emulator:
         quoted = urllib.parse.quote(key, safe="")
         urllib.request.urlopen(urllib.request.Request(f"{self.url}/storage/v1/b/{bucket}/o/{quoted}", method="DELETE"))
 
-    def upload(self, bucket: str, key: str, data: bytes, content_type: str, encoding: str | None = None) -> None:
+    def upload(
+        self, bucket: str, key: str, data: bytes, content_type: str, encoding: str | None = None, *, part_type: str = ""
+    ) -> None:
+        """Store an object; `part_type`: the upload part's own type when `content_type` (stored as
+        the object's metadata) could not travel in a header."""
         meta: dict[str, Any] = {"name": key, "contentType": content_type}
         if encoding:
             meta["contentEncoding"] = encoding
@@ -89,7 +93,7 @@ class Emulator:
         body = (
             (
                 f"--{boundary}\r\nContent-Type: application/json\r\n\r\n{json.dumps(meta)}\r\n"
-                f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n"
+                f"--{boundary}\r\nContent-Type: {part_type or content_type}\r\n\r\n"
             ).encode()
             + data
             + f"\r\n--{boundary}--\r\n".encode()

@@ -32,21 +32,7 @@ async def fresh_answers(lane, request: bytes, head_request: bool = False) -> tup
 def odd_object(lane, name: str, content_type: str) -> None:  # noqa: F811
     """An object whose stored contentType is whatever a bucket writer chose, referenced by the task."""
     key = f"odd/{uuid.uuid4().hex[:8]}-{name}"
-    body = json.dumps({"name": key, "contentType": content_type})
-    boundary = uuid.uuid4().hex
-    data = (
-        f"--{boundary}\r\nContent-Type: application/json\r\n\r\n{body}\r\n"
-        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\nodd bytes\r\n--{boundary}--\r\n"
-    ).encode()
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{lane.emulator.url}/upload/storage/v1/b/{lane.bucket}/o?uploadType=multipart",
-        data=data,
-        headers={"Content-Type": f"multipart/related; boundary={boundary}"},
-        method="POST",
-    )
-    urllib.request.urlopen(request).read()
+    lane.emulator.upload(lane.bucket, key, b"odd bytes", content_type, part_type="application/octet-stream")
     lane.uris[name] = f"gs://{lane.bucket}/{key}"
 
 
