@@ -220,24 +220,35 @@ def storage_for_task(
 ) -> StorageSettings:
     """The storage to read `uri` from for `task`, or a 403 naming what is missing.
 
-    The task's reference is the grant: any storage of the task's project with the URI's bucket
+    The task's reference is the grant: a storage of the task's project with the URI's bucket
     serves it, whatever its prefix (prefixes bound what /projects/{id}/resolve/ may serve).
     """
     if not claims.grants_task(task.id, task.project):
         raise forbidden("no_grant", f"the token does not grant task {task.id}")
-    return storage_for_reference(task.id, task.uris, uri, storages)
+    return storage_for_reference(task.id, task.uris, uri, storages, task.storage_id)
 
 
 def storage_for_reference(
-    task_id: int, referenced: frozenset[str], uri: GsUri, storages: tuple[StorageSettings, ...]
+    task_id: int,
+    referenced: frozenset[str],
+    uri: GsUri,
+    storages: tuple[StorageSettings, ...],
+    imported_by: str | None = None,
 ) -> StorageSettings:
-    """The storage serving `uri` for a task that may be read and references `referenced`."""
+    """The storage serving `uri` for a task that may be read and references `referenced`: the
+    storage that imported the task, when it holds the URI's bucket; otherwise the storage of that
+    bucket whose prefix holds the key, the longest prefix first, and among equals the one listed
+    first (config-file storages in file order, then API storages by id) — so a storage's mode,
+    allowlist and credentials never apply to another storage's tasks."""
     if str(uri) not in referenced:
         raise forbidden("not_referenced", f"task {task_id} does not reference this object")
     candidates = [s for s in storages if s.bucket == uri.bucket]
     if not candidates:
         raise forbidden("bucket_not_configured", "the object's bucket is not a storage of the task's project")
-    # Prefer the storage whose prefix holds the key, the longest prefix first.
+    if imported_by is not None:
+        for storage in candidates:
+            if storage.id == imported_by:
+                return storage
     return max(candidates, key=lambda s: (uri.key.startswith(s.prefix), len(s.prefix)))
 
 

@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class TaskAccess:
-    """What the access check needs of a task: its project and the URIs it references."""
+    """What the access check needs of a task: its project, the URIs it references, and the
+    storage whose sync imported it (None for tasks imported by file or API)."""
 
     id: int
     project: str
     uris: frozenset[str]
+    storage_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

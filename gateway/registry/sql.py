@@ -135,15 +135,17 @@ class SqlTaskRegistry:
 
     async def task_access(self, task_id: int) -> TaskAccess | None:
         async with self._connect() as conn:
-            project = (
-                await conn.execute(select(tasks_table.c.project).where(tasks_table.c.id == task_id))
-            ).scalar_one_or_none()
-            if project is None:
+            row = (
+                await conn.execute(
+                    select(tasks_table.c.project, tasks_table.c.storage_id).where(tasks_table.c.id == task_id)
+                )
+            ).one_or_none()
+            if row is None:
                 return None
             uris = (
                 await conn.execute(select(task_uris_table.c.uri).where(task_uris_table.c.task_id == task_id))
             ).scalars()
-            return TaskAccess(task_id, project, frozenset(uris))
+            return TaskAccess(task_id, row.project, frozenset(uris), row.storage_id)
 
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
         async with self._connect() as conn:
