@@ -268,7 +268,7 @@ class FastLane(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         if self._timer_kind == "send":
-            self._disarm()
+            self._timer_kind = ""
         if self._aiohttp is not None:
             self._aiohttp.resume_writing()  # type: ignore[attr-defined]
             return
@@ -365,14 +365,13 @@ class FastLane(asyncio.Protocol):
             try:
                 self.write(head)
                 sent = len(head)
-                if not exchange.head_only:
-                    async for chunk in reader.chunks():
-                        if not self.write(chunk):
-                            error = "client_disconnected"
-                            return True
-                        sent += len(chunk)
-                        if self.paused:
-                            await self.drained()
+                async for chunk in reader.chunks():
+                    if not self.write(chunk):
+                        error = "client_disconnected"
+                        return True
+                    sent += len(chunk)
+                    if self.paused:
+                        await self.drained()
                 if self._lost:
                     error = "client_disconnected"
             finally:
@@ -485,6 +484,8 @@ class FastLane(asyncio.Protocol):
         self._arm("idle", self._settings.keepalive_timeout)
 
     def _arm(self, kind: str, seconds: float) -> None:
+        if self._timer_kind == "send" and kind != "send":
+            return  # a client that reads none of our answers cannot buy time by sending more
         now = self._loop.time()
         self._timer_kind, self._deadline = kind, now + seconds
         if self._timer is None:

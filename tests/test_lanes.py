@@ -230,8 +230,12 @@ async def test_connections_beyond_the_cap_get_503_and_are_closed(lane, server): 
 
 
 @pytest.mark.parametrize("server", [{"send_timeout": 0.5}])
-@pytest.mark.parametrize("after_hand_over", [False, True], ids=["fast lane", "aiohttp lane"])
-async def test_a_client_that_stops_reading_loses_its_slot_and_connection(lane, server, after_hand_over):  # noqa: F811
+@pytest.mark.parametrize(
+    ("after_hand_over", "keeps_sending"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["fast lane", "aiohttp lane", "fast lane, sending more", "aiohttp lane, sending more"],
+)
+async def test_a_client_that_stops_reading_loses_its_slot_and_connection(lane, server, after_hand_over, keeps_sending):  # noqa: F811
     limiter = lane.app[LIMITER]
     timed_out = metrics.CONNECTIONS_TIMED_OUT.labels("send")
     before = timed_out._value.get()
@@ -246,6 +250,12 @@ async def test_a_client_that_stops_reading_loses_its_slot_and_connection(lane, s
             assert (await loop.sock_recv(client, 4096)).startswith(b"HTTP/1.1 200")
         await loop.sock_sendall(client, lane.request("big"))  # 8 MiB, and the client reads none of it
         await eventually(lambda: limiter.active == 1, "the stream to start")
+        if keeps_sending:  # new request heads, one every 100 ms, must not buy the reader time
+            for _ in range(50):
+                if limiter.active == 0:
+                    break
+                await loop.sock_sendall(client, b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n")
+                await asyncio.sleep(0.1)  # pacing the client, not synchronising with the server
         await eventually(lambda: limiter.active == 0, "the slot to come back after the send timeout")
         assert timed_out._value.get() == before + 1
         received = 0
