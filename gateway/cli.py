@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--admin", action="store_true", help='add "admin": true (management API)')
     token.set_defaults(command=cmd_token)
 
+    explain = with_config(
+        sub.add_parser("explain", help="which storage serves a task's objects, how, and whether a client gets in")
+    )
+    explain.add_argument("task", type=int, help="the task id")
+    explain.add_argument("--uri", help="one gs:// URI (default: every URI the task references)")
+    explain.add_argument("--client", help="a client address to check against the allowlists")
+    explain.add_argument("--url", help="the running gateway (default: http://[server] host:port)")
+    explain.set_defaults(command=cmd_explain)
+
     check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     check.set_defaults(command=cmd_check_config)
 
@@ -132,6 +141,37 @@ def parse_duration(text: str) -> int:
 
 
 # ---------------------------------------------------------------- token
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Ask the running gateway (GET /api/tasks/{id}/access, with a one-minute admin token minted
+    from the config): the answer comes from the storages it serves now, API ones included."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    settings = _settings(args)
+    server = settings.server
+    base = (args.url or f"http://{server.host}:{server.port}").rstrip("/")
+    query = {k: v for k, v in (("uri", args.uri), ("client", args.client)) if v is not None}
+    url = f"{base}/api/tasks/{args.task}/access" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    token = mint_token(settings, "gateway-explain", ttl=60, admin=True)
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.load(exc).get("message", "")
+        except ValueError:
+            detail = ""
+        raise CliError(f"{url.split('?')[0]}: {exc.code} {detail}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(
+            f"cannot reach the gateway at {base} ({getattr(exc, 'reason', exc)}); is it running? (--url)"
+        ) from None
+    print(json.dumps(answer, indent=2))
+    return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -13,9 +13,11 @@ from aiohttp import web
 
 from .. import strictjson
 from ..errors import Refused
+from ..media.explain import explain
+from ..netguard import parse_node
 from ..registry import BadTask, normalize_task
-from ..state import CATALOG, REGISTRY
-from ..uris import encode_fileuri, resolve_uris
+from ..state import CATALOG, GUARD, REGISTRY
+from ..uris import BadFileUri, encode_fileuri, parse_gs_uri, resolve_uris
 from .auth import require_admin
 
 MAX_PAGE_SIZE = 1000
@@ -49,6 +51,40 @@ async def get_task(request: web.Request) -> web.Response:
     if task is None:
         raise Refused(404, "unknown_task", "no such task")
     return web.json_response(_resolved(task) if _flag(request, "resolve") else task)
+
+
+async def task_access(request: web.Request) -> web.Response:
+    """`?uri=gs://…` (one object, else every one the task references) and `?client=<address>`: which
+    storage serves each object, how, and whether that client would be let in (gateway/media/explain.py)."""
+    await require_admin(request)
+    task_id = int(request.match_info["task_id"])
+    task = await request.app[REGISTRY].task_access(task_id)
+    if task is None:
+        raise Refused(404, "unknown_task", f"task {task_id} does not exist")
+    uri = request.query.get("uri")
+    if uri is not None:
+        try:
+            parse_gs_uri(uri)
+        except BadFileUri as exc:
+            raise Refused(400, "bad_parameter", f"uri: {exc}") from None
+    extra: dict[str, Any] = {}
+    if "client" in request.query:
+        client = parse_node(request.query["client"])
+        if client is None:
+            raise Refused(400, "bad_parameter", "client: expected an IPv4 or IPv6 address")
+        extra["client"] = client
+    catalog = request.app[CATALOG]
+    await catalog.refresh()  # a storage created through another replica counts at once
+    explained = explain(
+        task,
+        catalog.storages_of(task.project),
+        request.app[GUARD],
+        catalog.signers,
+        catalog.problems,
+        [uri] if uri is not None else None,
+        **extra,
+    )
+    return web.json_response(explained)
 
 
 async def list_tasks(request: web.Request) -> web.Response:
