@@ -140,6 +140,11 @@ def mint_token(
     import jwt
 
     auth = settings.auth
+    if ttl > auth.max_token_lifetime:
+        raise CliError(
+            f"--ttl: {ttl} seconds is longer than [auth].max_token_lifetime ({auth.max_token_lifetime:g} seconds), "
+            "the longest lifetime the gateway accepts"
+        )
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
     claims["tasks"] = tasks if tasks == "*" else list(tasks)

@@ -63,6 +63,8 @@ class AuthSettings:
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 30.0
+    # Tokens whose exp lies further ahead are refused (there is no revocation list); seconds.
+    max_token_lifetime: float = 24 * 3600.0
     header: bool = True
     cookie: str = "gateway_token"
     query_param: str = "token"
@@ -560,6 +562,7 @@ def validate(settings: Settings) -> None:
         ("[upstream].pool_size", upstream.pool_size, 1),
         ("[upstream].signed_url_cache_size", upstream.signed_url_cache_size, 1),
         ("[auth].leeway", auth.leeway, 0),
+        ("[auth].max_token_lifetime", auth.max_token_lifetime, 1),
         ("[auth].jwks_cooldown", auth.jwks_cooldown, 0),
         ("[server].shutdown_timeout", server.shutdown_timeout, 0),
         ("[media].cache_control_max_age", media.cache_control_max_age, 0),
