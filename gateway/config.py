@@ -112,6 +112,9 @@ class UpstreamSettings:
     pool_size: int = 256
     buffer_size: int = 64 * 1024  # bytes read ahead per stream before reading from GCS pauses
     iam_endpoint: str = "https://iamcredentials.googleapis.com"  # signBlob, for keyless presign identities
+    # URLs besides Google's own that credentials given to the storage API may name (token_uri …);
+    # exact matches. The config file's credentials are the operator's and are not checked.
+    allowed_credential_endpoints: tuple[str, ...] = ()
     signed_url_cache_size: int = 10000
 
 
@@ -602,6 +605,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
     if settings.upstream.buffer_size < 4096:
         raise ConfigError("[upstream].buffer_size: expected at least 4096 bytes")
+    for url in upstream.allowed_credential_endpoints:
+        if not re.match(r"^https?://[^/\s?#@]+(/\S*)?$", url):
+            raise ConfigError(f"[upstream].allowed_credential_endpoints: {url!r} is not an http(s) URL")
     for origin in settings.cors.origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")

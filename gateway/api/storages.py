@@ -23,7 +23,7 @@ from ..signer import SigningError, build_signer, resolve_identity
 from ..state import CATALOG, REGISTRY, SYNC_WORKER
 from ..storage import Backend, BucketNotFound, StorageError, build_backend, load_storage_credential
 from ..storage.base import UpstreamDenied
-from ..storage.credentials import CredentialsError
+from ..storage.credentials import CredentialsError, check_destinations
 from ..sync.engine import preview
 from .auth import require_admin
 
@@ -450,6 +450,11 @@ async def _check_credentials(
         # external_account / impersonation configs name files, URLs and commands that google-auth
         # reads or calls on refresh: from the API they would read the gateway's own secrets.
         errors[SECRET] = "only service_account and authorized_user credentials may be given to the API"
+        return
+    try:
+        check_destinations(value, request.app[CATALOG].settings.upstream.allowed_credential_endpoints)
+    except CredentialsError as exc:
+        errors[SECRET] = _credentials_problem(exc, value)
         return
     probe = StorageSettings(
         id="probe",
