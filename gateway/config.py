@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .keyfilter import FilterError, compile_filter
+
 ENV_PREFIX = "GATEWAY_"
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")  # use with fullmatch
 SUPPORTED_ALGORITHMS = frozenset(
@@ -519,9 +521,9 @@ def cidr_problem(cidr: str, exc: ValueError) -> str:
 def check_import_fields(s: StorageSettings, where: str) -> None:
     """The import fields, as checked for config-file and API storages alike."""
     try:
-        re.compile(s.regex_filter)
-    except re.error as exc:
-        raise ConfigError(f"{where}.regex_filter: not a valid regular expression ({exc})") from None
+        compile_filter(s.regex_filter)
+    except FilterError as exc:
+        raise ConfigError(f"{where}.regex_filter: {exc}") from None
     if not s.data_key.strip():
         raise ConfigError(f"{where}.data_key: must not be empty")
     if s.sync_interval < 0:

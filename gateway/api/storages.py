@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import re
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from aiohttp import web
 from .. import strictjson
 from ..config import BUCKET_RE, StorageSettings, cidr_problem, normalize_prefix, parse_network
 from ..errors import Refused
+from ..keyfilter import FilterError, compile_filter
 from ..registry.sql import empty_counters
 from ..signer import SigningError, build_signer, resolve_identity
 from ..state import CATALOG, REGISTRY, SYNC_WORKER
@@ -393,9 +393,9 @@ async def _checked(
         values["prefix"] = normalize_prefix(values["prefix"])
     if "regex_filter" in values:
         try:
-            re.compile(values["regex_filter"])
-        except re.error as exc:
-            errors["regex_filter"] = f"not a valid regular expression ({exc})"
+            compile_filter(values["regex_filter"])
+        except FilterError as exc:
+            errors["regex_filter"] = str(exc)
     if "client_allowlist" in fields:
         _check_allowlist(fields["client_allowlist"], values, errors)
     if "data_key" in values and not values["data_key"].strip():
