@@ -6,9 +6,12 @@ per key; task-file parsing and Parquet decoding ran on it too. Filters now run o
 piece of a sync's CPU work on the sync thread (gateway/sync/parse.py `off_loop`), so probes and
 media requests keep answering while the worst sync we can make runs in the same process.
 
-The bound is a property, not a benchmark: an unblocked loop answers these requests in a few
-milliseconds; 100 ms leaves room for a loaded 2-core CI machine, while one backtracking match
-(about a second here) or a parse of megabytes on the loop exceeds it.
+The bound is a property, not a benchmark: an unblocked loop answers these requests in about a
+millisecond (median), and in tens of milliseconds at worst on a 2-core machine shared with other
+test suites. The issue's target is 100 ms; the assertion allows 250 ms so that a machine loaded
+three times over (measured: 224 ms at worst) does not fail it, while every blocking this test
+provokes is far above it: one backtracking match takes about a second on the loop, a 26 MB JSON
+line 0.3-0.8 s.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from gateway.uris import encode_fileuri
 
 from .conftest import PROJECT, build_settings, make_token
 
-BOUND = 0.100  # seconds for one request while the sync runs
+BOUND = 0.250  # seconds for one request while the sync runs (see above)
 ADMIN = {"Authorization": f"Bearer {make_token('root', admin=True)}"}
 SYNC_PROJECT = "9"
-ROWS = 3000
+ROWS = 1000
 
 
 def parquet_bytes(rows: int) -> bytes:
@@ -58,9 +61,9 @@ def worst_case_bucket(root: Path) -> None:
     (tasks / "big.json").write_text(json.dumps([{"data": {**row, "n": i}} for i in range(ROWS)]))
     (tasks / "big.parquet").write_bytes(parquet_bytes(ROWS))
     (tasks / "long.jsonl").write_text(json.dumps({"image": "data:image/png;base64," + "A" * 4_000_000}))
-    # One line of 12 MB of numbers: ~0.15 s in the C JSON parser, which holds the interpreter lock
-    # throughout (a thread would not help). Not a task (a list), so nothing of it is stored.
-    (tasks / "dense.jsonl").write_text(json.dumps(list(range(1_500_000))))
+    # One line of 26 MB of numbers: 0.3 s or more in the C JSON parser, which holds the interpreter
+    # lock throughout (a thread would not help). Not a task (a list), so nothing of it is stored.
+    (tasks / "dense.jsonl").write_text(json.dumps(list(range(3_000_000))))
     (tasks / "deep.json").write_text("[" * 200_000)
 
 
