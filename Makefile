@@ -55,9 +55,17 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install --quiet 'label-studio==$(LS_VERSION)'
 	touch $@
 
+# The lanes' differential test (tests/test_lanes_differential.py) with many random examples;
+# `make test` runs a fixed, derandomized set.
+LANES_EXAMPLES ?= 2000
+.PHONY: fuzz-lanes
+fuzz-lanes: $(STAMP)
+	LANES_EXAMPLES=$(LANES_EXAMPLES) LANES_RANDOM=1 $(VENV)/bin/pytest -q tests/test_lanes_differential.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info

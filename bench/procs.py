@@ -341,6 +341,9 @@ url = "sqlite:///{self.dir / "registry.db"}"
 [media]
 metadata_ttl = {float(metadata_ttl)}
 
+[limits]
+max_streams_per_subject = 0  # one benchmark token holds every stream (scenario 5: 200)
+
 [[storages]]
 id = "bench"
 project = 1

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from . import metrics
+from .access import MEDIA_ROUTES, RequestRecorder, access_log, request_id, route_name
 from .acl import TaskCache, TokenVerifier
 from .api import add_api_routes
 from .catalog import StorageCatalog
 from .config import Settings
-from .cors import add_cors
+from .cors import CorsPolicy, add_cors
 from .errors import Refused
 from .fastlane import MediaFront
+from .labelstudio import LabelStudioAuthority
+from .media.answers import Answer, error_answer, refusal_answer
+from .media.core import MediaCore
+from .media.service import MediaService
 from .netguard import ClientGuard, StreamLimiter
 from .proxy import MediaHandler
 from .registry import RegistryUnavailable, open_registry
@@ -36,16 +37,13 @@ from .state import (
     FRONT,
     GUARD,
     LIMITER,
-    MODE,
     READINESS,
     RECORDER,
     REGISTRY,
     REQUEST_ID,
     SETTINGS,
     STARTED,
-    SUB,
     SYNC_WORKER,
-    TASK,
     TASKS,
     VERIFIER,
 )
@@ -55,13 +53,10 @@ from .vault import Vault
 from .web import add_web_routes
 
 log = logging.getLogger("gateway")
-access_log = logging.getLogger("gateway.access")
 
-
-MEDIA_ROUTES = frozenset({"task_resolve", "project_resolve"})
 PROBE_ROUTES = frozenset({"healthz", "readyz"})  # load balancer probes: never behind the client allowlist
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_BEARER_REALM = 'Bearer realm="media-gateway"'
+# The media core applies the client allowlist itself (both lanes), in its order of checks.
+_UNGUARDED = PROBE_ROUTES | MEDIA_ROUTES
 
 
 def create_app(
@@ -98,15 +93,22 @@ def create_app(
     if workers:
         app.cleanup_ctx.append(_workers_context)
 
-    media = MediaHandler(settings, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
-    app[FRONT] = MediaFront(settings, media, app[GUARD], app[LIMITER], RequestRecorder(access_log, ""))
-    for name, path, handler in (
-        ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/", media.task_resolve),
-        ("project_resolve", r"/projects/{project_id}/resolve/", media.project_resolve),
+    label_studio = (
+        LabelStudioAuthority(settings.label_studio, lambda: app[CATALOG].session) if settings.label_studio.url else None
+    )
+    core = MediaCore(settings, app[GUARD], app[VERIFIER], app[TASKS], app[CATALOG], label_studio)
+    service = MediaService(core, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
+    cors = CorsPolicy(settings.cors)
+    media = MediaHandler(service, cors)
+    recorder = RequestRecorder(access_log, "", settings.server.access_log)
+    app[FRONT] = MediaFront(settings.server, service, app[GUARD], cors, recorder)
+    for name, path in (
+        ("task_resolve", r"/tasks/{task_id:\d{1,18}}/resolve/"),
+        ("project_resolve", r"/projects/{project_id}/resolve/"),
     ):
         resource = app.router.add_resource(path, name=name)
-        resource.add_route("GET", handler)
-        resource.add_route("HEAD", handler)
+        resource.add_route("GET", media.resolve)
+        resource.add_route("HEAD", media.resolve)
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_view, name="metrics")
@@ -158,13 +160,6 @@ async def _workers_context(app: web.Application):  # type: ignore[no-untyped-def
         await worker.stop(task)
 
 
-def route_name(request: web.BaseRequest) -> str:
-    """A bounded route label: the resource's name, or 'unmatched'."""
-    match_info = getattr(request, "match_info", None)
-    resource = match_info.route.resource if match_info is not None else None
-    return (resource.name if resource is not None else None) or "unmatched"
-
-
 async def _tag_response(request: web.Request, response: web.StreamResponse) -> None:
     """X-Request-ID on every answer, streamed ones included (set just before headers go out).
 
@@ -179,7 +174,12 @@ async def _tag_response(request: web.Request, response: web.StreamResponse) -> N
 def json_error(
     status: int, reason: str, message: str, headers: dict[str, str] | None = None, details: dict[str, Any] | None = None
 ) -> web.Response:
-    return web.json_response({"error": reason, "message": message, **(details or {})}, status=status, headers=headers)
+    return _response(error_answer(status, reason, message, headers, details=details))
+
+
+def _response(answer: Answer) -> web.Response:
+    """An aiohttp response for an error answer of the media core's kind (the one JSON error body)."""
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
 @web.middleware
@@ -192,24 +192,18 @@ async def gateway_middleware(
     One middleware rather than several: each aiohttp middleware layer costs a few microseconds on
     every request of the hot path.
     """
-    incoming = request.headers.get("X-Request-ID", "")
-    request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex()
+    request[REQUEST_ID] = request_id(request.headers.get("X-Request-ID", ""))
     request[STARTED] = time.perf_counter()
     try:
         guard = request.app.get(GUARD)
         if guard is not None:
             request[CLIENT] = client = guard.client(request.remote, request.headers)
-            if guard.allowed and route_name(request) not in PROBE_ROUTES:
+            if guard.allowed and route_name(request) not in _UNGUARDED:
                 guard.admit(client)
         return await handler(request)
     except Refused as exc:
         request[ERROR] = exc.reason
-        headers = dict(exc.headers or {})
-        if exc.status in (401, 403):
-            metrics.AUTH_FAILURES.labels(exc.reason).inc()
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = _challenge(exc)
-        return json_error(exc.status, exc.reason, exc.message, headers, exc.details)
+        return _response(refusal_answer(exc))
     except BadFileUri as exc:
         request[ERROR] = "bad_fileuri"
         return json_error(400, "bad_fileuri", str(exc))
@@ -234,14 +228,6 @@ async def gateway_middleware(
         request[ERROR] = "internal_error"
         log.exception("unexpected error (request %s)", request[REQUEST_ID])
         return json_error(500, "internal_error", f"unexpected error; request id {request[REQUEST_ID]}")
-
-
-def _challenge(exc: Refused) -> str:
-    """The RFC 6750 challenge; a missing token is `invalid_request` (a required parameter is
-    absent), every other failure `invalid_token`. The description is our own text, quoted safely."""
-    code = "invalid_request" if exc.reason == "missing_token" else "invalid_token"
-    description = exc.message.replace("\\", "").replace('"', "'")
-    return f'{_BEARER_REALM}, error="{code}", error_description="{description}"'
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -281,72 +267,3 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_view(_request: web.Request) -> web.Response:
     body, content_type = metrics.render()
     return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-class RequestRecorder(AbstractAccessLogger):
-    """Runs once per finished response: Prometheus counters and, if enabled, a JSON log line."""
-
-    def __init__(self, logger: logging.Logger, log_format: str) -> None:
-        super().__init__(logger, log_format)
-        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
-        self._access_log: bool | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return True
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, loop_seconds: float) -> None:
-        started = request.get(STARTED)
-        seconds = time.perf_counter() - started if started is not None else loop_seconds
-        route = route_name(request)
-        mode = request.get(MODE) or ("proxy" if route in MEDIA_ROUTES else "none")
-        self.account(route, mode, response.status, response.body_length, seconds)
-        if self._access_log is None:
-            app = getattr(request, "app", None)
-            if app is None:
-                return
-            self._access_log = app[SETTINGS].server.access_log  # one app per server: read once
-        if self._access_log:
-            self.write(
-                {
-                    "request_id": request.get(REQUEST_ID),
-                    "method": request.method,
-                    "path": request.path,  # never the query string: it may carry a token
-                    "status": response.status,
-                    "bytes": response.body_length,
-                    "duration_ms": round(seconds * 1000, 2),
-                    "sub": request.get(SUB),
-                    "task": request.get(TASK),
-                    "error": request.get(ERROR),
-                    "remote": _text(request.get(CLIENT, request.remote)),  # behind trusted proxies: the client
-                    "peer": request.remote,
-                }
-            )
-
-    def account(self, route: str, mode: str, status: int, sent: int, seconds: float) -> None:
-        """The request metrics of one answer (also of those gateway/fastlane.py answers itself)."""
-        key = (route, mode, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                metrics.REQUESTS.labels(route, mode, metrics.status_class(status)),
-                metrics.RESPONSE_BYTES.labels(route),
-                metrics.REQUEST_SECONDS.labels(route),
-                metrics.PARTIAL_RESPONSES.labels(route) if status == 206 else None,
-            )
-            self._children[key] = children
-        requests, sent_bytes, duration, partial = children
-        batch = metrics.BATCH
-        batch.inc(requests)
-        batch.inc(sent_bytes, sent)
-        batch.observe(duration, seconds)
-        if partial is not None:
-            batch.inc(partial)
-
-    def write(self, fields: dict[str, Any]) -> None:
-        """One access log line: JSON, never a token (paths only, no query strings)."""
-        access_log.info(json.dumps(fields, separators=(",", ":")))
-
-
-def _text(address: object) -> str | None:
-    return None if address is None else str(address)

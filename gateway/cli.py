@@ -18,11 +18,11 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Settings, cidr_problem, load_settings, validate
+from .tokens import mint_token
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -134,43 +134,16 @@ def parse_duration(text: str) -> int:
 # ---------------------------------------------------------------- token
 
 
-def mint_token(
-    settings: Settings, sub: str, *, tasks: Any = (), projects: Any = (), ttl: int = 3600, admin: bool = False
-) -> str:
-    import jwt
-
-    auth = settings.auth
-    if ttl > auth.max_token_lifetime:
-        raise CliError(
-            f"--ttl: {ttl} seconds is longer than [auth].max_token_lifetime ({auth.max_token_lifetime:g} seconds), "
-            "the longest lifetime the gateway accepts"
-        )
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
-    claims["tasks"] = tasks if tasks == "*" else list(tasks)
-    claims["projects"] = projects if projects == "*" else [str(p) for p in projects]
-    if admin:
-        claims["admin"] = True
-    if auth.audience:
-        claims["aud"] = auth.audience
-    if auth.issuer:
-        claims["iss"] = auth.issuer
-    hmac = next((a for a in auth.algorithms if a.startswith("HS")), None)
-    if hmac and auth.secret:
-        return jwt.encode(claims, auth.secret, algorithm=hmac)
-    if not auth.private_key_file:
-        raise CliError("[auth].private_key_file is needed to sign tokens with asymmetric algorithms")
-    return jwt.encode(claims, Path(auth.private_key_file).read_bytes(), algorithm=auth.algorithms[0])
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings(args)
     tasks: Any = "*" if args.all_tasks else args.task
-    print(
-        mint_token(
-            settings, args.sub, tasks=tasks, projects=args.project, ttl=parse_duration(args.ttl), admin=args.admin
+    ttl, longest = parse_duration(args.ttl), settings.auth.max_token_lifetime
+    if ttl > longest:  # the gateway would refuse the token (acl.TokenVerifier)
+        raise CliError(
+            f"--ttl: {ttl} seconds is longer than [auth].max_token_lifetime ({longest:g} seconds), "
+            "the longest lifetime the gateway accepts"
         )
-    )
+    print(mint_token(settings, args.sub, tasks=tasks, projects=args.project, ttl=ttl, admin=args.admin))
     return 0
 
 

@@ -52,6 +52,15 @@ class ServerSettings:
     workers: int = 1
     shutdown_timeout: float = 30.0
     access_log: bool = True
+    # Connection discipline, the same on both lanes (gateway/fastlane.py): aiohttp's limits for a
+    # request head, and the timers no connection is ever without.
+    max_line_size: int = 8190  # bytes of the request line (and of any header line)
+    max_field_size: int = 8190  # bytes of one header field, name and value
+    max_headers: int = 128  # header fields per request
+    head_timeout: float = 15.0  # seconds from a request's first byte to its complete head
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept
+    send_timeout: float = 60.0  # seconds a client may accept no byte before its connection is closed
+    max_connections: int = 10000  # open connections per process; beyond, 503 and close
 
 
 @dataclass(frozen=True)
@@ -140,7 +149,7 @@ class LimitSettings:
     """Load shedding: concurrent media streams, refused beyond the caps (never queued)."""
 
     max_streams: int = 1000  # per process; 0 = no cap
-    max_streams_per_subject: int = 0  # per token `sub`, per process; 0 = no cap
+    max_streams_per_subject: int = 64  # per token `sub`, per process; 0 = no cap
     retry_after: int = 5  # seconds, in the Retry-After of 503/429 answers
     not_ready_after_shedding: float = 10.0  # seconds /readyz stays 503 after the last refusal at the cap
 
@@ -570,6 +579,10 @@ def validate(settings: Settings) -> None:
         ("[auth].max_token_lifetime", auth.max_token_lifetime, 1),
         ("[auth].jwks_cooldown", auth.jwks_cooldown, 0),
         ("[server].shutdown_timeout", server.shutdown_timeout, 0),
+        ("[server].max_line_size", server.max_line_size, 256),
+        ("[server].max_field_size", server.max_field_size, 256),
+        ("[server].max_headers", server.max_headers, 8),
+        ("[server].max_connections", server.max_connections, 1),
         ("[media].cache_control_max_age", media.cache_control_max_age, 0),
         ("[media].metadata_ttl", media.metadata_ttl, 0),
         ("[registry].task_cache_ttl", registry.task_cache_ttl, 0),
@@ -600,6 +613,9 @@ def validate(settings: Settings) -> None:
         ("[export].lease_seconds", settings.export.lease_seconds),
         ("[export].retry_base", settings.export.retry_base),
         ("[label_studio].timeout", settings.label_studio.timeout),
+        ("[server].head_timeout", server.head_timeout),
+        ("[server].keepalive_timeout", server.keepalive_timeout),
+        ("[server].send_timeout", server.send_timeout),
     ):
         if seconds <= 0:
             raise ConfigError(f"{where}: expected more than 0 seconds, got {seconds}")

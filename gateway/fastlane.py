@@ -1,253 +1,175 @@
-"""The front of every connection: media cache hits answered without aiohttp, the rest handed to it.
+"""The protocol of every connection: media requests framed here, the rest handed to aiohttp.
 
-For a media request whose token, task and object metadata are cached, aiohttp's share of the
-work — request and response objects, the router, the middleware and signal layers, header
-serialisation, `StreamResponse` writes — costs as much CPU as the gateway's own decisions, or
-more. This protocol reads each request head, parses it with llhttp (httptools) and asks
-`MediaHandler.from_caches`. A bodiless answer (304, a cached signed-URL 303, a HEAD) is written
-at once; a GET's body is streamed from storage (`MediaFront.stream`: the stream caps, the
-full path's headers, backpressure from the client's socket, an abort if storage breaks
-mid-body). Status, headers, metrics and access line are the full path's. The first request it
-cannot answer (another route, a request with a body, a cache miss, a refusal to explain, an
-object changed since its metadata was cached) hands the connection, with every byte not yet
-answered, to aiohttp's protocol, which serves it from then on. So a connection is the fast
-lane's only while it carries cache hits.
+aiohttp's share of a media request — request and response objects, the router, middleware and
+signal layers, header serialisation — costs as much CPU as the gateway's own decisions. This
+protocol reads each request head with aiohttp's own parser (the same limits, the same decoding),
+asks the media core (gateway/media/) what to answer and writes it: bodiless answers at once, from
+the caches, without a task; everything that needs I/O (a token to verify, a task to look up,
+metadata, a signature, a body to stream) in one task per request through `MediaService.prepare`,
+the same code aiohttp's handler calls. It keeps only framing: parse the head, write bytes,
+backpressure, hand-over. The first request it does not frame (another route, a method other than
+GET/HEAD, a body, HTTP/1.0, an upgrade, a percent-encoded path, a head aiohttp's parser refuses)
+hands the connection, with every byte not yet answered, to aiohttp's protocol; this protocol
+stays in front of it, forwarding, so the connection discipline below holds on both lanes:
 
-Kept deliberately small: only GET and HEAD requests without a body from HTTP/1.1 keep-alive
-clients, without `Origin` (CORS answers stay with aiohttp), `Expect`, `Upgrade` or a
-percent-encoded path, are taken; the rest is aiohttp's. llhttp rejects malformed heads, which
-are handed over as they came so that aiohttp answers 400.
+* a deadline for a complete request head (`[server] head_timeout`), counted from its first byte;
+* an idle keep-alive timeout (aiohttp's own once it owns the connection);
+* a send timeout: a client that accepts no byte for `send_timeout` seconds loses its connection,
+  and with it its stream slot;
+* a cap on open connections per process (`max_connections`): beyond it, a 503 and close.
+
+An exception before the first byte of an answer hands the request to aiohttp (which answers it or
+writes a JSON 500); an exception after it closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.utils import formatdate
-from http import HTTPStatus
-from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
+from aiohttp._cookie_helpers import parse_cookie_header  # what aiohttp's request.cookies parses with
+from aiohttp.http import HttpRequestParser, HttpVersion11
 
 from . import metrics
-from .config import Settings
-from .errors import Refused
-from .netguard import ClientGuard, IPAddress, StreamLimiter
-from .proxy import Bodiless, MediaHandler, Streamed
+from .access import Exchange, RequestRecorder, request_id
+from .config import ServerSettings
+from .cors import CorsPolicy
+from .media.answers import Answer, encode_head, error_answer, head_fields
+from .media.core import Facts, MediaRequest, Outcome
+from .media.service import MediaService
+from .netguard import ClientGuard
 from .storage import StorageError
 
-# The two media routes as aiohttp matches them, on the raw path; a percent-encoded one is aiohttp's.
-_MEDIA_PATH = re.compile(rb"/(?:tasks/(\d{1,18})|projects/([^/?%#{}]+))/resolve/")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_MAX_HEAD = 16 * 1024  # longer heads go to aiohttp, which answers 431 or 400 by its own limits
-KEEPALIVE_SECONDS = 75.0  # web.run_app's keep-alive timeout, for both lanes
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
+# The two media routes as aiohttp matches them; a percent-encoded or non-ASCII path is aiohttp's.
+_MEDIA_PATH = re.compile(r"/(?:tasks/([0-9]{1,18})|projects/([^/?%#{}]+))/resolve/")
 log = logging.getLogger("gateway.proxy")  # the full path's logger: one place to read stream failures
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """A request the fast lane took: what its answer, metrics and access line need."""
+class _Cookies:
+    """The Cookie header parsed (as aiohttp parses it) only if a token is looked for there."""
 
-    started: float
-    request_id: str
-    method: str
-    path: str
-    route: str
-    task: int | None
-    client: IPAddress | None
-    peer: str | None
-    head_only: bool
+    __slots__ = ("_headers", "_parsed")
+
+    def __init__(self, headers: Any) -> None:
+        self._headers = headers
+        self._parsed: dict[str, str] | None = None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        if self._parsed is None:
+            raw = self._headers.get("Cookie", "")
+            self._parsed = {key: morsel.value for key, morsel in parse_cookie_header(raw)} if raw else {}
+        return self._parsed.get(name, default)
 
 
 class MediaFront:
-    """The fast lane's decisions and answers for one app: `take` a request head, then write a
-    bodiless answer (`bodiless`) or stream one (`stream`)."""
+    """The fast lane's share of one app: the media service, the recorder, the connection limits,
+    and the open connections."""
 
     def __init__(
-        self, settings: Settings, media: MediaHandler, guard: ClientGuard, limiter: StreamLimiter, recorder: object
+        self,
+        settings: ServerSettings,
+        service: MediaService,
+        guard: ClientGuard,
+        cors: CorsPolicy,
+        recorder: RequestRecorder,
     ) -> None:
-        self._settings = settings
-        self._media = media
+        self.settings = settings
+        self.service = service
         self._guard = guard
-        self._limiter = limiter
-        self._recorder = recorder  # gateway.app.RequestRecorder: the same metrics and access log
-        self._vary = settings.cors.origins != ()
+        self._cors = cors
+        self._recorder = recorder
+        self._max_head = settings.max_line_size + settings.max_headers * (settings.max_field_size + 2) + 4
+        self.tick_period = min(settings.head_timeout, settings.keepalive_timeout, settings.send_timeout)
         self._date = (0, "")
         self.connections: set[FastLane] = set()
 
-    def take(self, head: bytes, peer: str | None) -> tuple[_Exchange, Bodiless | Streamed] | None:
-        """The exchange and its answer when the caches decide this request head, else None."""
+    def parser(self, protocol: asyncio.Protocol) -> HttpRequestParser:
+        s = self.settings
+        return HttpRequestParser(
+            protocol,  # type: ignore[arg-type]
+            asyncio.get_running_loop(),
+            2**16,
+            max_line_size=s.max_line_size,
+            max_field_size=s.max_field_size,
+            max_headers=s.max_headers,
+        )
+
+    def take(self, parser: HttpRequestParser, head: bytes, peer: str | None) -> tuple[Exchange, MediaRequest] | None:
+        """The exchange and the media request of a complete head this lane frames, else None."""
         started = time.perf_counter()
-        request = _Head()
-        request.parser = parser = httptools.HttpRequestParser(request)
-        try:
-            parser.feed_data(head)
-        except httptools.HttpParserError:
+        messages, upgraded, _tail = parser.feed_data(head)
+        if upgraded or len(messages) != 1:
             return None
-        method = request.method
-        if method not in (b"GET", b"HEAD") or not request.keep_alive or request.version != "1.1":
-            return None
-        target = request.url
-        path, _, query_string = target.partition(b"?")
-        match = _MEDIA_PATH.fullmatch(path)
-        if match is None:
-            return None
-        headers = CIMultiDictProxy(CIMultiDict(request.headers))
+        message = messages[0][0]
+        method = message.method
         if (
-            "Origin" in headers
-            or "Expect" in headers
-            or "Transfer-Encoding" in headers
-            or headers.get("Content-Length", "0") != "0"
+            method not in ("GET", "HEAD")
+            or message.version != HttpVersion11
+            or message.upgrade
+            or message.chunked
+            or message.headers.get("Content-Length", "0") != "0"
+            or "Expect" in message.headers
         ):
             return None
-        client = self._guard.client(peer, headers)
-        if self._guard.allowed:
-            try:
-                self._guard.admit(client)
-            except Refused:
-                return None
-        task_text, project_bytes = match.groups()
-        task_id = int(task_text) if task_text is not None else None
-        project = project_bytes.decode("latin-1") if project_bytes is not None else None
-        query = URL.build(query_string=query_string.decode("utf-8", "surrogateescape"), encoded=True).query
-        verb = method.decode()
-        answer = self._media.from_caches(verb, task_id, project, query, headers, _Cookies(headers), client)
-        if answer is None:
+        url = message.url
+        path = url.raw_path
+        match = _MEDIA_PATH.fullmatch(path)
+        if match is None or not path.isascii():
             return None
-        incoming = headers.get("X-Request-ID", "")
-        exchange = _Exchange(
+        task_text, project = match.groups()
+        task_id = int(task_text) if task_text is not None else None
+        headers = message.headers
+        client = self._guard.client(peer, headers)
+        exchange = Exchange(
             started,
-            incoming if _REQUEST_ID.fullmatch(incoming) else os.urandom(8).hex(),
-            verb,
-            path.decode("latin-1"),
+            request_id(headers.get("X-Request-ID", "")),
+            method,
+            path,
             "task_resolve" if task_id is not None else "project_resolve",
             task_id,
             client,
             peer,
-            verb == "HEAD",
+            method == "HEAD",
+            message.should_close,
+            headers.get("Origin"),
         )
-        return exchange, answer
+        media = MediaRequest(method, task_id, project, url.query, headers, _Cookies(headers), client)  # type: ignore[arg-type]
+        return exchange, media
 
-    def bodiless(self, exchange: _Exchange, answer: Bodiless) -> bytes | None:
-        """The answer's bytes, accounted; None if a header cannot be written (aiohttp then answers)."""
-        head = self._head(exchange, answer.status, answer.headers, answer.length)
-        if head is None:
-            return None
+    def head(self, exchange: Exchange, status: int, headers: dict[str, str], length: int) -> bytes:
+        fields = head_fields(status, headers, length, exchange.request_id, self._cors.fields(exchange.origin))
+        if exchange.close:
+            fields["Connection"] = "close"  # as aiohttp writes it for a request that asked to close
+        return encode_head(status, fields, self._http_date())
+
+    def answer(self, exchange: Exchange, answer: Answer, facts: Facts) -> bytes:
+        """An answer's bytes, accounted; ValueError if a header cannot be written (never, for what
+        the core builds; the caller then hands the request to aiohttp)."""
+        head = self.head(exchange, answer.status, answer.headers, answer.length)
         data = head if exchange.head_only else head + answer.body
-        self._record(exchange, answer.status, answer.mode, answer.sub, len(data), None)
+        self.service.count(facts)
+        self._recorder.finish(exchange, answer.status, answer.mode, answer.sub, len(data), answer.error)
         return data
 
-    async def stream(self, exchange: _Exchange, answer: Streamed, lane: FastLane) -> bool | None:
-        """Stream the answer's body from storage to `lane`, as the full path's `_stream` does.
+    def finish(self, exchange: Exchange, status: int, sub: str, sent: int, error: str | None) -> None:
+        self._recorder.finish(exchange, status, "proxy", sub, sent, error)
 
-        True: the connection may carry the next request; False: it is closed (the client left, or
-        storage broke mid-body); None: nothing was written, hand the request to aiohttp (the object
-        changed since its metadata was cached, or a header cannot be written).
-        """
-        try:
-            slot = self._limiter.slot(answer.sub)
-        except Refused as exc:  # at a stream cap: the same 503 / 429 the full path sheds with
-            lane.write(self._error(exchange, answer.sub, exc.status, exc.reason, exc.message, exc.headers))
-            return True
-        with slot:
-            try:
-                reader = await self._media.open_cached(answer)
-            except StorageError as exc:
-                message = exc.public_message or str(exc)
-                lane.write(self._error(exchange, answer.sub, exc.status, exc.reason, message, None))
-                return True
-            if reader is None:
-                return None
-            sent, error = 0, None
-            metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
-            try:
-                head = self._head(exchange, answer.plan.status, answer.headers, answer.plan.length)
-                if head is None:
-                    return None
-                lane.write(head)
-                sent = len(head)
-                async for chunk in reader.chunks():
-                    if not lane.write(chunk):
-                        return False  # the client went away
-                    sent += len(chunk)
-                    if lane.paused:
-                        await lane.drained()
-                return True
-            except StorageError as exc:
-                # Headers are out: the only honest signal left is to close the connection before
-                # Content-Length bytes (what the full path does too).
-                error = exc.reason
-                log.warning("upstream failed mid-body (%s): aborting the client connection", exc.reason)
-                lane.close()
-                return False
-            finally:
-                reader.close()
-                metrics.BATCH.inc(metrics.ACTIVE_STREAMS, -1)
-                if sent:
-                    self._record(exchange, answer.plan.status, "proxy", answer.sub, sent, error)
-
-    def _error(
-        self,
-        exchange: _Exchange,
-        sub: str,
-        status: int,
-        reason: str,
-        message: str,
-        headers: dict[str, str] | None,
-    ) -> bytes:
-        """A JSON error as app.json_error writes it (the same body bytes, status and headers)."""
-        body = json.dumps({"error": reason, "message": message}).encode()
-        fields = {**(headers or {}), "Content-Type": "application/json; charset=utf-8"}
-        head = self._head(exchange, status, fields, len(body))
-        assert head is not None  # our own header values
-        data = head if exchange.head_only else head + body
-        self._record(exchange, status, "proxy", sub, len(data), reason)
-        return data
-
-    def _head(self, exchange: _Exchange, status: int, headers: dict[str, str], length: int) -> bytes | None:
-        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                return None  # aiohttp refuses such a header too: let it answer
-            lines.append(f"{name}: {value}")
-        if status != 304:
-            lines.append(f"Content-Length: {length}")
-        if self._vary:
-            lines.append("Vary: Origin")
-        lines.append(f"Date: {self._http_date()}")
-        lines.append("Server: media-gateway")
-        lines.append(f"X-Request-ID: {exchange.request_id}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    def _record(self, exchange: _Exchange, status: int, mode: str, sub: str, sent: int, error: str | None) -> None:
-        seconds = time.perf_counter() - exchange.started
-        self._recorder.account(exchange.route, mode, status, sent, seconds)  # type: ignore[attr-defined]
-        if self._settings.server.access_log:
-            self._recorder.write(  # type: ignore[attr-defined]
-                {
-                    "request_id": exchange.request_id,
-                    "method": exchange.method,
-                    "path": exchange.path,
-                    "status": status,
-                    "bytes": sent,
-                    "duration_ms": round(seconds * 1000, 2),
-                    "sub": sub,
-                    "task": exchange.task,
-                    "error": error,
-                    "remote": None if exchange.client is None else str(exchange.client),
-                    "peer": exchange.peer,
-                }
-            )
+    def refuse_connection(self) -> bytes:
+        """The answer beyond `max_connections`: 503, then close."""
+        metrics.SHED.labels("process_connections").inc()
+        answer = error_answer(
+            503, "too_many_connections", "the gateway holds its connection limit; retry later", {"Retry-After": "1"}
+        )
+        fields = head_fields(answer.status, answer.headers, answer.length, request_id(""), None)
+        fields["Connection"] = "close"
+        return encode_head(answer.status, fields, self._http_date()) + answer.body
 
     def _http_date(self) -> str:
         now = int(time.time())
@@ -256,150 +178,249 @@ class MediaFront:
         return self._date[1]
 
     async def stop(self, timeout: float) -> None:
-        """On shutdown: close idle connections at once, let streams finish for up to `timeout`
-        seconds (as aiohttp's shutdown does for its own), then close what is left."""
-        streaming = [c.streaming for c in self.connections if c.streaming is not None]
-        for connection in list(self.connections):
+        """On shutdown: close idle connections at once, let answers in progress finish for up to
+        `timeout` seconds (as aiohttp's shutdown does for its own), then close what is left.
+        Connections handed to aiohttp are aiohttp's to shut down."""
+        own = [c for c in self.connections if not c.forwarding]
+        busy = [c.busy for c in own if c.busy is not None]
+        for connection in own:
             connection.stopping = True
-            if connection.streaming is None:
+            if connection.busy is None:
                 connection.close()
-        if streaming:
-            await asyncio.wait(streaming, timeout=timeout)
-        for connection in list(self.connections):
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+        for connection in own:
             connection.close()
 
 
-class _Head:
-    """llhttp's callbacks for one request head."""
-
-    parser: httptools.HttpRequestParser
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.method = b""
-        self.version = ""
-        self.keep_alive = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        # Read here: llhttp resets them once the message is complete, which for a bodiless
-        # request is within the same feed_data call. An upgrade never counts as keep-alive.
-        parser = self.parser
-        self.method = parser.get_method()
-        self.version = parser.get_http_version()
-        self.keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
-
-
-class _Cookies:
-    """The Cookie header parsed only if a token is looked for there."""
-
-    def __init__(self, headers: CIMultiDictProxy[str]) -> None:
-        self._headers = headers
-
-    def get(self, name: str) -> str | None:
-        raw = self._headers.get("Cookie")
-        if not raw:
-            return None
-        try:
-            morsel = SimpleCookie(raw).get(name)
-        except CookieError:
-            return None
-        return None if morsel is None else morsel.value
-
-
 class FastLane(asyncio.Protocol):
-    """One connection: answered here while its requests are cache hits, then aiohttp's."""
+    """One connection: framed here while its requests are media requests, then aiohttp's (with this
+    protocol in front, keeping the head deadline, the send timeout and the connection count)."""
 
-    def __init__(
-        self, front: MediaFront, aiohttp_protocol: Callable[[], asyncio.Protocol], keepalive: float = KEEPALIVE_SECONDS
-    ) -> None:
+    def __init__(self, front: MediaFront, aiohttp_protocol: Callable[[], asyncio.Protocol]) -> None:
         self._front = front
-        self._keepalive = keepalive
+        self._settings = front.settings
         self._aiohttp_protocol = aiohttp_protocol
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._parser: HttpRequestParser | None = None
+        self._aiohttp: asyncio.Protocol | None = None  # once handed over: aiohttp's protocol
+        self._tracker: httptools.HttpRequestParser | None = None  # request boundaries after the hand-over
         self.peer: object = None  # the socket's peer name, as asyncio gives it
         self._peer: str | None = None  # its address, for the client allowlist and the access log
         self.paused = False  # the client is not reading our answers: stop reading its requests
         self._drain: asyncio.Future[None] | None = None
         self._lost = False
-        self.streaming: asyncio.Task[None] | None = None  # the body being sent, if any
+        self.busy: asyncio.Task[None] | None = None  # the answer being prepared or streamed, if any
         self.stopping = False  # shutting down: close once the current answer is out
-        self._idle: asyncio.TimerHandle | None = None
-        self._active = 0.0  # loop time of the last bytes received
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""  # which deadline applies: "idle", "head", "send", or none
+        self._deadline = 0.0
+        self._loop = asyncio.get_running_loop()
 
+    @property
+    def forwarding(self) -> bool:
+        return self._aiohttp is not None
+
+    # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self.peer = transport.get_extra_info("peername")
         self._peer = self.peer[0] if isinstance(self.peer, tuple) else None
-        self._front.connections.add(self)
-        self._arm()
+        front = self._front
+        if len(front.connections) >= self._settings.max_connections:
+            self._lost = True
+            transport.write(front.refuse_connection())  # type: ignore[attr-defined]
+            transport.close()
+            return
+        front.connections.add(self)
+        self._parser = front.parser(self)
+        self._idle()
 
     def data_received(self, data: bytes) -> None:
+        if self._aiohttp is not None:
+            self._track(data)
+            self._aiohttp.data_received(data)
+            return
+        if self._lost:
+            return
+        if not self._buffer and self.busy is None:
+            self._arm("head", self._settings.head_timeout)  # counted from the head's first byte
         self._buffer += data
-        if self.streaming is None:
+        if self.busy is None:
             self._serve()
-        elif len(self._buffer) > _MAX_HEAD and self._transport is not None:
-            self._transport.pause_reading()  # pipelined requests wait for the stream: hold the rest back
+        elif len(self._buffer) > self._front._max_head and self._transport is not None:
+            self._transport.pause_reading()  # pipelined requests wait for the answer: hold the rest back
 
+    def eof_received(self) -> bool | None:
+        if self._aiohttp is not None:
+            return self._aiohttp.eof_received()  # type: ignore[attr-defined, no-any-return]
+        return None
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self._arm("send", self._settings.send_timeout)
+        if self._aiohttp is not None:
+            self._aiohttp.pause_writing()  # type: ignore[attr-defined]
+        elif self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self._timer_kind == "send":
+            self._disarm()
+        if self._aiohttp is not None:
+            self._aiohttp.resume_writing()  # type: ignore[attr-defined]
+            return
+        self._wake()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+            if self.busy is None:
+                self._idle()
+                self._serve()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._stop_timer()
+        self._front.connections.discard(self)
+        if self._aiohttp is not None:
+            self._aiohttp.connection_lost(exc)
+            return
+        self._wake()
+        if self.busy is not None:
+            self.busy.cancel()  # stop reading storage for a client that is gone
+
+    # -- framing
     def _serve(self) -> None:
-        buffer, transport = self._buffer, self._transport
+        buffer, transport, front = self._buffer, self._transport, self._front
         assert transport is not None
-        while not self.paused and self.streaming is None and not self._lost:
+        while buffer and not self.paused and self.busy is None and not self._lost and self._aiohttp is None:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(buffer) > _MAX_HEAD or b"\n\n" in buffer:  # too long, or bare LF line ends: aiohttp says 400
+                if len(buffer) > front._max_head or b"\n\n" in buffer:  # aiohttp answers 400 by the same limits
                     self._hand_over()
-                else:
-                    self._arm()
                 return
-            taken = self._front.take(bytes(buffer[: end + 4]), self._peer)
+            size = end + 4
+            try:
+                taken = front.take(self._parser, bytes(buffer[:size]), self._peer)  # type: ignore[arg-type]
+            except Exception:  # a head aiohttp's parser refuses (the same parser answers it there)
+                taken = None
             if taken is None:
                 self._hand_over()
                 return
-            exchange, answer = taken
-            if isinstance(answer, Streamed):
-                self._disarm()  # a stream's own timeouts bound it
-                self.streaming = asyncio.get_running_loop().create_task(self._stream(exchange, answer, end + 4))
-                return
-            data = self._front.bodiless(exchange, answer)
-            if data is None:
+            exchange, media = taken
+            facts = Facts()
+            try:
+                outcome = front.service.core.decide(media, facts)
+                if isinstance(outcome, Answer):
+                    data = front.answer(exchange, outcome, facts)
+                    del buffer[:size]
+                    transport.write(data)
+                    if exchange.close or self.stopping:
+                        self.close()
+                        return
+                    if not buffer:
+                        self._idle()
+                    elif self._timer_kind != "head":
+                        self._arm("head", self._settings.head_timeout)
+                    continue
+            except Exception:
+                log.exception("fast lane: answering from the caches failed; aiohttp answers instead")
                 self._hand_over()
                 return
-            del buffer[: end + 4]
-            transport.write(data)
+            self._disarm()  # the answer's own timeouts bound it from here
+            self.busy = self._loop.create_task(self._answer(exchange, media, facts, outcome, size))
+            return
 
-    async def _stream(self, exchange: _Exchange, answer: Streamed, consumed: int) -> None:
+    async def _answer(self, exchange: Exchange, media: MediaRequest, facts: Facts, outcome: Outcome, size: int) -> None:
         try:
-            outcome = await self._front.stream(exchange, answer, self)
+            kept = await self._respond(exchange, media, facts, outcome, size)
+        finally:
+            self.busy = None
+        if kept:
+            self._next(exchange)
+        else:
+            self._hand_over()
+
+    async def _respond(
+        self, exchange: Exchange, media: MediaRequest, facts: Facts, outcome: Outcome, size: int
+    ) -> bool:
+        """Answer one request; False if nothing was written and aiohttp should answer it instead."""
+        front, started = self._front, False
+        status, sent, error = 0, 0, None
+        reader = None
+        try:
+            prepared = await front.service.prepare(media, facts, outcome)
+            if isinstance(prepared, Answer):
+                data = front.answer(exchange, prepared, facts)
+                del self._buffer[:size]
+                self.write(data)
+                return True
+            stream, reader = prepared.stream, prepared.reader
+            head = front.head(exchange, stream.plan.status, stream.headers, stream.plan.length)
+            front.service.count(facts)
+            status, started = stream.plan.status, True
+            del self._buffer[:size]
+            metrics.BATCH.inc(metrics.ACTIVE_STREAMS)
+            try:
+                self.write(head)
+                sent = len(head)
+                if not exchange.head_only:
+                    async for chunk in reader.chunks():
+                        if not self.write(chunk):
+                            error = "client_disconnected"
+                            return True
+                        sent += len(chunk)
+                        if self.paused:
+                            await self.drained()
+                if self._lost:
+                    error = "client_disconnected"
+            finally:
+                metrics.BATCH.inc(metrics.ACTIVE_STREAMS, -1)
         except asyncio.CancelledError:
+            error = "client_disconnected"
             if not self._lost:
                 raise
-            return  # the client left while storage was being read: nothing more to do
+        except StorageError as exc:
+            # Headers are out: the only honest signal left is to close the connection before
+            # Content-Length bytes (what the aiohttp lane does too).
+            error = exc.reason
+            log.warning("upstream failed mid-body (%s): aborting the client connection", exc.reason)
+            self.close()
+        except Exception:
+            if started or self._lost:
+                log.exception("fast lane: answer failed after its first byte; closing the connection")
+                self.close()
+            else:
+                log.exception("fast lane: answer failed before its first byte; aiohttp answers instead")
+                return False
         finally:
-            self.streaming = None
-        if self._lost or outcome is False:
+            if facts.slot is not None:
+                facts.slot.release()
+            for open_reader in (reader, facts.reader):
+                if open_reader is not None:
+                    open_reader.close()
+            if started:
+                front.finish(exchange, status, stream.sub, sent, error)
+        return True
+
+    def _next(self, exchange: Exchange) -> None:
+        """After an answer: the next pipelined request, or wait for one."""
+        if self._lost or self._aiohttp is not None:
             return
-        if outcome is None:
-            self._hand_over()  # the request's bytes are still at the buffer's start
-            return
-        del self._buffer[:consumed]
-        if self.stopping:
+        if exchange.close or self.stopping:
             self.close()
             return
         if not self.paused and self._transport is not None:
-            self._transport.resume_reading()  # if data_received held it back during the stream
+            self._transport.resume_reading()  # if data_received held it back during the answer
+            if self._buffer:
+                self._arm("head", self._settings.head_timeout)
+            else:
+                self._idle()
         self._serve()
 
-    # -- used by MediaFront.stream
     def write(self, data: bytes) -> bool:
-        if self._lost or self._transport is None:
+        if self._lost or self._transport is None or self._transport.is_closing():
             return False
         self._transport.write(data)
         return True
@@ -407,30 +428,8 @@ class FastLane(asyncio.Protocol):
     async def drained(self) -> None:
         """Until the client has read enough of what was written (or left)."""
         if self.paused and not self._lost:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self._loop.create_future()
             await self._drain
-
-    # -- asyncio.Protocol
-    def pause_writing(self) -> None:
-        self.paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self._wake()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-            if self.streaming is None:
-                self._serve()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._disarm()
-        self._front.connections.discard(self)
-        self._wake()
-        if self.streaming is not None:
-            self.streaming.cancel()  # stop reading storage for a client that is gone
 
     def close(self) -> None:
         if self._transport is not None:
@@ -442,43 +441,83 @@ class FastLane(asyncio.Protocol):
             drain.set_result(None)
 
     def _hand_over(self) -> None:
-        """From now on aiohttp's protocol owns the connection, starting with the unanswered bytes."""
-        self._disarm()
-        self._front.connections.discard(self)
+        """From now on aiohttp's protocol serves the connection, starting with the unanswered bytes;
+        this protocol forwards to it and keeps the head deadline and the send timeout."""
+        self._disarm()  # aiohttp's keep-alive timer takes over the idle connection
         transport = self._transport
         assert transport is not None
-        if self.paused:  # never: a hand-over happens between answers, with the client reading
-            transport.resume_reading()
-        protocol = self._aiohttp_protocol()
-        transport.set_protocol(protocol)
+        protocol = self._aiohttp = self._aiohttp_protocol()
+        self._parser = None
+        self._tracker = httptools.HttpRequestParser(self)
         protocol.connection_made(transport)
-        if self._buffer:
-            protocol.data_received(bytes(self._buffer))
-        self._buffer.clear()
+        if self.paused:
+            protocol.pause_writing()  # type: ignore[attr-defined]
+        data, self._buffer = bytes(self._buffer), bytearray()
+        transport.resume_reading()
+        if data:
+            self._track(data)
+            protocol.data_received(data)
 
-    def _arm(self) -> None:
-        """Close a connection that sends nothing for the keep-alive timeout (also one that never
-        completes a request head). One timer per connection, moved on only when it fires."""
-        loop = asyncio.get_running_loop()
-        self._active = loop.time()
-        if self._idle is None:
-            self._idle = loop.call_later(self._keepalive, self._expire)
+    # -- the head deadline after the hand-over: request boundaries from a parser of our own
+    def _track(self, data: bytes) -> None:
+        tracker = self._tracker
+        if tracker is None:
+            return
+        try:
+            tracker.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._tracker = None  # aiohttp answers a bad head; after an upgrade, bytes are not HTTP
+            if self._timer_kind == "head":
+                self._disarm()
 
-    def _expire(self) -> None:
-        loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._active
-        if self.streaming is not None:
-            self._idle = None  # re-armed when the stream ends and the next head is awaited
-        elif quiet >= self._keepalive:
-            self._idle = None
-            self.close()
-        else:
-            self._idle = loop.call_later(self._keepalive - quiet, self._expire)
+    def on_message_begin(self) -> None:
+        self._arm("head", self._settings.head_timeout)
+
+    def on_headers_complete(self) -> None:
+        if self._timer_kind == "head":
+            self._disarm()
+
+    # -- timers: one per connection, for whichever deadline applies now. Arming and disarming only
+    # write the deadline (they happen twice per request); the one timer fires at least every
+    # `_tick_period` seconds — no longer than the shortest timeout — and checks it, so a deadline
+    # is never late and a busy connection creates no timer per request.
+    def _idle(self) -> None:
+        self._arm("idle", self._settings.keepalive_timeout)
+
+    def _arm(self, kind: str, seconds: float) -> None:
+        now = self._loop.time()
+        self._timer_kind, self._deadline = kind, now + seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(min(self._deadline, now + self._front.tick_period), self._tick)
 
     def _disarm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._timer_kind = ""  # a pending timer finds nothing to check and lets itself go
+
+    def _stop_timer(self) -> None:
+        self._timer_kind = ""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        kind = self._timer_kind
+        if not kind:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._timer = self._loop.call_at(min(self._deadline, now + self._front.tick_period), self._tick)
+            return
+        # No complete head in time, an idle keep-alive connection, or a client accepting no byte:
+        # the connection goes (abort: nothing queued for that client is worth flushing).
+        self._timer_kind = ""
+        if self._transport is None:
+            return
+        if kind == "idle":
+            self._transport.close()
+        else:
+            metrics.CONNECTIONS_TIMED_OUT.labels(kind).inc()
+            self._transport.abort()
 
 
 async def serve(
@@ -491,12 +530,18 @@ async def serve(
     shutdown_timeout: float,
     on_listening: Callable[[], None],
     handle_signals: bool = True,
-    keepalive_timeout: float = KEEPALIVE_SECONDS,
 ) -> None:
     """What `web.run_app` does, with `FastLane` in front of aiohttp's protocol: serve until cancelled
     (SIGTERM/SIGINT raise GracefulExit through the runner's handlers), then shut down gracefully."""
+    server = front.settings
     runner = web.AppRunner(
-        app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, keepalive_timeout=keepalive_timeout
+        app,
+        handle_signals=handle_signals,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=server.keepalive_timeout,
+        max_line_size=server.max_line_size,
+        max_field_size=server.max_field_size,
+        max_headers=server.max_headers,
     )
     await runner.setup()
     listener = None
@@ -504,7 +549,7 @@ async def serve(
         aiohttp_protocol = runner.server
         assert aiohttp_protocol is not None
         listener = await asyncio.get_running_loop().create_server(
-            lambda: FastLane(front, aiohttp_protocol, keepalive_timeout), host, port, reuse_port=reuse_port, backlog=128
+            lambda: FastLane(front, aiohttp_protocol), host, port, reuse_port=reuse_port, backlog=128
         )
         on_listening()
         await asyncio.Future()  # until cancelled

@@ -21,13 +21,12 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import web
 
 from . import metrics
 from .caching import ExpiringCache
@@ -55,7 +54,7 @@ class Grant:
 
 
 def credential_from(
-    request: web.Request, settings: LabelStudioSettings, gateway_token: str | None
+    headers: Mapping[str, str], cookies: Mapping[str, str], settings: LabelStudioSettings, gateway_token: str | None
 ) -> Credential | None:
     """Label Studio's credential on the request, if it carries one rather than a gateway token.
 
@@ -64,14 +63,14 @@ def credential_from(
     Authorization header, a gateway token (cookie or query) wins over Label Studio's session
     cookie. The claims are only read here to route the request; Label Studio verifies them.
     """
-    authorization = request.headers.get("Authorization", "")
+    authorization = headers.get("Authorization", "")
     scheme, _, token = authorization.partition(" ")
     scheme, token = scheme.lower(), token.strip()
     if token and (scheme == "token" or (scheme == "bearer" and _is_label_studio_jwt(token))):
         return _credential("Authorization", authorization.strip())
     if authorization or gateway_token is not None:
         return None
-    session = request.cookies.get(settings.session_cookie)
+    session = cookies.get(settings.session_cookie)
     if session:
         return _credential("Cookie", f"{settings.session_cookie}={session}")
     return None
@@ -129,18 +128,18 @@ class LabelStudioAuthority:
         )
         self._pending: dict[tuple[str, str, str], asyncio.Future[Grant | Refused]] = {}
 
-    async def task(self, credential: Credential, task_id: int) -> Grant:
-        return await self._decide(credential, "task", str(task_id))
-
-    async def project(self, credential: Credential, project_id: str) -> Grant:
-        return await self._decide(credential, "project", project_id)
-
-    async def _decide(self, credential: Credential, kind: str, ident: str) -> Grant:
-        key = (credential.digest, kind, ident)
-        decision = self._decisions.get(key)
+    def cached(self, credential: Credential, kind: str, ident: str) -> Grant | Refused | None:
+        """The kept decision for a credential and a task or project, if any (no call made)."""
+        decision = self._decisions.get((credential.digest, kind, ident))
         if decision is not None:
             metrics.LABEL_STUDIO_CHECKS.labels("cached").inc()
-        else:
+        return decision
+
+    async def decide(self, credential: Credential, kind: str, ident: str) -> Grant:
+        """Label Studio's decision (`kind` "task" or "project"): a Grant, or Refused raised."""
+        key = (credential.digest, kind, ident)
+        decision = self.cached(credential, kind, ident)
+        if decision is None:
             pending = self._pending.get(key)
             if pending is None:  # concurrent misses share one call
                 pending = asyncio.ensure_future(self._ask(credential, kind, ident))

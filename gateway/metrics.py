@@ -57,8 +57,11 @@ METADATA_CACHE = Counter("gateway_metadata_cache_total", "Object metadata cache 
 AUTH_FAILURES = Counter("gateway_auth_failures_total", "Refused media requests", ["reason"])
 SHED = Counter(
     "gateway_shed_requests_total", "Media requests refused by load shedding", ["reason"]
-)  # reason: process_streams (503), subject_streams (429)
+)  # reason: process_streams (503), subject_streams (429), process_connections (503, then close)
 
+CONNECTIONS_TIMED_OUT = Counter(
+    "gateway_connections_timed_out_total", "Connections closed by a deadline (head, send)", ["deadline"]
+)
 SIGNED_URLS = Counter("gateway_signed_urls_total", "V4 signed URLs issued", ["method"])
 SIGNED_URL_CACHE = Counter("gateway_signed_url_cache_total", "Signed-URL cache lookups", ["result"])
 SIGNING_SECONDS = Histogram(

@@ -190,6 +190,13 @@ class StreamLimiter:
         self.by_subject: dict[str, int] = {}
         self._last_shed: float | None = None
 
+    def admits(self, subject: str) -> bool:
+        """Whether `slot(subject)` would be given now (asked without counting a refusal)."""
+        limits = self._limits
+        return not (limits.max_streams and self.active >= limits.max_streams) and not (
+            limits.max_streams_per_subject and self.by_subject.get(subject, 0) >= limits.max_streams_per_subject
+        )
+
     def slot(self, subject: str) -> _Slot:
         """Held (`with limiter.slot(sub):`) from before the first upstream request until the body
         is sent or abandoned; refused at once beyond a cap."""
@@ -238,11 +245,17 @@ class _Slot:
     __slots__ = ("_limiter", "_subject")
 
     def __init__(self, limiter: StreamLimiter, subject: str) -> None:
-        self._limiter = limiter
+        self._limiter: StreamLimiter | None = limiter
         self._subject = subject
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *_exc: object) -> None:
-        self._limiter._release(self._subject)
+        self.release()
+
+    def release(self) -> None:
+        """Give the slot back (once; later calls do nothing)."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter._release(self._subject)

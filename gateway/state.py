@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -13,6 +13,12 @@ from .config import Settings
 from .netguard import ClientGuard, StreamLimiter
 from .registry.sql import SqlTaskRegistry
 
+if TYPE_CHECKING:  # typing only: the sync and export machinery load where they run
+    from .export.worker import ExportWorker
+    from .fastlane import MediaFront
+    from .registry.outbox import Recorder
+    from .sync.worker import SyncWorker
+
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", SqlTaskRegistry)
 CATALOG = web.AppKey("catalog", StorageCatalog)
@@ -21,10 +27,10 @@ VERIFIER = web.AppKey("verifier", TokenVerifier)
 GUARD = web.AppKey("guard", ClientGuard)
 LIMITER = web.AppKey("limiter", StreamLimiter)
 READINESS = web.AppKey("readiness", dict[str, Any])
-EXPORT_WORKER = web.AppKey("export_worker", Any)  # gateway.export.worker.ExportWorker when running in-process
-RECORDER = web.AppKey("recorder", Any)  # gateway.registry.outbox.Recorder: annotation events, group-committed
-FRONT = web.AppKey("front", Any)  # gateway.fastlane.MediaFront: media cache hits answered before aiohttp
-SYNC_WORKER = web.AppKey("sync_worker", Any)  # gateway.sync.worker.SyncWorker when running in-process
+EXPORT_WORKER: web.AppKey[ExportWorker | None] = web.AppKey("export_worker")  # when running in-process
+RECORDER: web.AppKey[Recorder] = web.AppKey("recorder")  # annotation events, group-committed
+FRONT: web.AppKey[MediaFront] = web.AppKey("front")  # the fast lane's share of the app
+SYNC_WORKER: web.AppKey[SyncWorker | None] = web.AppKey("sync_worker")  # when running in-process
 
 # Per-request facts the access log reports (never the token itself).
 REQUEST_ID = web.RequestKey("request_id", str)

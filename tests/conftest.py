@@ -13,11 +13,14 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
+import types
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -258,23 +261,94 @@ def seed(
     return entry
 
 
-class LaneClient:
-    """A client of `gateway.fastlane.serve` (the production front): one connection per request, so
-    every request meets the fast lane first and aiohttp only when the fast lane hands it over."""
+_MEDIA_URL = re.compile(r"/(?:tasks/\d{1,18}|projects/[^/]+)/resolve/")  # the media routes (gateway/app.py)
 
-    def __init__(self, session: aiohttp.ClientSession, app: Any, port: int) -> None:
-        self.session, self.app, self.port = session, app, port
-        self.get, self.head, self.request = session.get, session.head, session.request
+
+class AccessLines(logging.Handler):
+    """The gateway's access lines as they are written, checked against the lane each request expects.
+
+    A streamed answer's line is written when its body ends (or is abandoned), so lanes are checked
+    as lines arrive; `settle` waits for every expected line and fails on any wrong lane."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.expected: dict[str, tuple[str, str]] = {}  # request id -> (lane, what)
+        self.wrong: list[str] = []
+        self._arrived = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = json.loads(record.getMessage())
+        expected = self.expected.pop(line.get("request_id"), None)
+        if expected is not None and line["lane"] != expected[0]:
+            self.wrong.append(f"{expected[1]} was answered by the {line['lane']} lane, not {expected[0]}")
+        self._arrived.set()
+
+    def check(self) -> None:
+        assert not self.wrong, self.wrong
+
+    async def settle(self) -> None:
+        async with asyncio.timeout(10):
+            while self.expected:
+                self._arrived.clear()
+                await self._arrived.wait()
+        self.check()
+
+
+class LaneClient:
+    """A client of `gateway.fastlane.serve` (the production front) on keep-alive connections that
+    checks which lane answered each request (the access line's `lane`, by X-Request-ID): a GET or
+    HEAD of a media URL must be the fast lane's, on a connection kept for media requests; anything
+    else goes over another connection (it would hand that connection to aiohttp) and is aiohttp's.
+    A test that expects otherwise says so with `lane=`."""
+
+    def __init__(self, app: Any, port: int, access: AccessLines) -> None:
+        base = f"http://127.0.0.1:{port}"
+        self.media = aiohttp.ClientSession(base_url=base, auto_decompress=False)  # keep-alive, media only
+        self.other = aiohttp.ClientSession(base_url=base, auto_decompress=False)
+        self.app, self.port, self.access = app, port, access
+        self.server = types.SimpleNamespace(app=app, host="127.0.0.1", port=port)  # as aiohttp's TestClient
+
+    async def request(self, method: str, url: str, *, lane: str | None = None, **kwargs: Any) -> Any:
+        self.access.check()
+        media = method in ("GET", "HEAD") and _MEDIA_URL.match(url) is not None
+        expected = lane or ("fast" if media else "aiohttp")
+        headers = kwargs["headers"] = {"X-Request-ID": uuid.uuid4().hex, **(kwargs.get("headers") or {})}
+        if media or lane is not None:
+            self.access.expected[headers["X-Request-ID"]] = (expected, f"{method} {url}")
+        session = self.media if expected == "fast" else self.other
+        return await session.request(method, url, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> Awaitable[Any]:
+        return self.request("GET", url, **kwargs)
+
+    def head(self, url: str, **kwargs: Any) -> Awaitable[Any]:
+        return self.request("HEAD", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> Awaitable[Any]:
+        return self.request("POST", url, **kwargs)
+
+    def options(self, url: str, **kwargs: Any) -> Awaitable[Any]:
+        return self.request("OPTIONS", url, **kwargs)
+
+    async def close(self) -> None:
+        await self.media.close()
+        await self.other.close()
 
 
 @pytest.fixture
 async def fastlane() -> AsyncIterator[Callable[[Any], Awaitable[LaneClient]]]:
+    """Start `gateway.fastlane.serve` for an app (access log on); a LaneClient in front of it."""
     from gateway.fastlane import serve
     from gateway.state import FRONT
 
-    started: list[tuple[asyncio.Task[None], aiohttp.ClientSession]] = []
+    started: list[tuple[asyncio.Task[None], LaneClient]] = []
+    access = AccessLines()
+    logger = logging.getLogger("gateway.access")
+    logger.addHandler(access)
+    level = logger.level
+    logger.setLevel(logging.INFO)
 
-    async def start(app: Any, keepalive_timeout: float = 75.0) -> LaneClient:
+    async def start(app: Any) -> LaneClient:
         port, listening = free_port(), asyncio.Event()
         task = asyncio.create_task(
             serve(
@@ -286,7 +360,6 @@ async def fastlane() -> AsyncIterator[Callable[[Any], Awaitable[LaneClient]]]:
                 shutdown_timeout=1.0,
                 on_listening=listening.set,
                 handle_signals=False,
-                keepalive_timeout=keepalive_timeout,
             )
         )
         waiting = asyncio.ensure_future(listening.wait())
@@ -295,17 +368,18 @@ async def fastlane() -> AsyncIterator[Callable[[Any], Awaitable[LaneClient]]]:
         if task.done():
             task.result()  # the start-up error
         assert listening.is_set(), "the gateway did not start listening"
-        session = aiohttp.ClientSession(
-            base_url=f"http://127.0.0.1:{port}",
-            auto_decompress=False,
-            connector=aiohttp.TCPConnector(force_close=True),
-        )
-        started.append((task, session))
-        return LaneClient(session, app, port)
+        client = LaneClient(app, port, access)
+        started.append((task, client))
+        return client
 
     yield start
-    for task, session in started:
-        await session.close()
+    try:
+        await access.settle()  # every expected lane, once each answer's line is written
+    finally:
+        logger.removeHandler(access)
+        logger.setLevel(level)
+    for task, client in started:
+        await client.close()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

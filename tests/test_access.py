@@ -36,9 +36,10 @@ def pem_pair(private_key) -> tuple[bytes, bytes]:
     return private, public
 
 
-@pytest.fixture
-def gateway(tmp_path, aiohttp_client):
-    """Factory: a local-backend gateway with tasks A (clip), B (other) and C (a foreign bucket)."""
+@pytest.fixture(params=["aiohttp", "front"])
+def gateway(request, tmp_path, aiohttp_client, fastlane):
+    """Factory: a local-backend gateway with tasks A (clip), B (other) and C (a foreign bucket),
+    served by aiohttp alone, and by `gateway serve`'s front (each answer's lane checked)."""
 
     async def build(auth=None, storages=None, **sections):
         storage = seed("local", BUCKET, sample_objects(), tmp_path, None)
@@ -53,7 +54,7 @@ def gateway(tmp_path, aiohttp_client):
                 {"data": {"image": "gs://unconfigured-bucket/video/clip.bin"}},
             ],
         )
-        client = await aiohttp_client(app)
+        client = await (fastlane(app) if request.param == "front" else aiohttp_client(app))
         client.ids = ids
         return client
 

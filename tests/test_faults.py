@@ -185,6 +185,12 @@ class Rig:
         task = self.world.task_a if task is None else task
         return await self.world.client.get(self.world.url(key, task), headers=self.world.auth(tasks=[task]))
 
+    async def warm(self, key: str = CLIP, task: int | None = None) -> None:
+        """Token, task and metadata cached (a HEAD downloads no media): what follows is a cache hit."""
+        task = self.world.task_a if task is None else task
+        response = await self.world.client.head(self.world.url(key, task), headers=self.world.auth(tasks=[task]))
+        assert response.status == 200
+
     async def add_object(self, obj: StoredObject) -> int:
         """Upload one more object and a task referencing it; returns the task id."""
         await asyncio.to_thread(
@@ -195,8 +201,9 @@ class Rig:
         return task
 
 
-async def _gateway(tmp_path, aiohttp_client, emulator: Emulator) -> tuple[MediaWorld, web.Application]:
-    """A gateway over a fresh emulator bucket; STORAGE_EMULATOR_HOST must already be set."""
+async def _gateway(tmp_path, aiohttp_client, emulator: Emulator, front=None) -> tuple[MediaWorld, web.Application]:
+    """A gateway over a fresh emulator bucket; STORAGE_EMULATOR_HOST must already be set. With
+    `front` (the `fastlane` fixture), served by `gateway serve`'s front, each answer's lane checked."""
     bucket = f"faults-{uuid.uuid4().hex[:12]}"
     objects = [StoredObject(CLIP, os.urandom(CLIP_SIZE), "application/octet-stream")]
     storage = seed("gcs", bucket, objects, tmp_path, emulator)
@@ -204,16 +211,16 @@ async def _gateway(tmp_path, aiohttp_client, emulator: Emulator) -> tuple[MediaW
     world = MediaWorld("gcs", bucket, {o.key: o for o in objects}, settings)
     app = create_app(settings)
     (world.task_a,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": {"video": world.uri(CLIP)}}])
-    world.client = await aiohttp_client(app, auto_decompress=False)
+    world.client = await (front(app) if front is not None else aiohttp_client(app, auto_decompress=False))
     return world, app
 
 
-@pytest.fixture
-async def rig(emulator, aiohttp_server, aiohttp_client, monkeypatch, tmp_path) -> AsyncIterator[Rig]:
+@pytest.fixture(params=["aiohttp", "front"])
+async def rig(request, emulator, aiohttp_server, aiohttp_client, monkeypatch, tmp_path, fastlane) -> AsyncIterator[Rig]:
     proxy = FaultProxy(emulator.url)
     server = await aiohttp_server(proxy.app, host="127.0.0.1")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{server.port}")
-    world, app = await _gateway(tmp_path, aiohttp_client, emulator)
+    world, app = await _gateway(tmp_path, aiohttp_client, emulator, fastlane if request.param == "front" else None)
     try:
         yield Rig(proxy, world, app, emulator)
     finally:
@@ -365,6 +372,7 @@ CUT_AT = 100_000
 @pytest.mark.parametrize("cut_at", [CUT_AT, CLIP_SIZE - 50], ids=["early", "near-the-end"])
 async def test_cut_mid_body_is_an_incomplete_body_for_the_client(rig, cut_at):
     """Near the end, anything the gateway appended would complete the body: silent corruption."""
+    await rig.warm()
     rig.proxy.script = [rig.proxy.cut_after(cut_at)]
     broken = _errors("broken")
     response = await rig.get()
@@ -383,6 +391,7 @@ async def test_cut_mid_body_is_an_incomplete_body_for_the_client(rig, cut_at):
 
 async def test_cut_mid_body_closes_the_client_connection_raw(rig):
     """On the wire: the gateway's status line and headers, at most the bytes it got, then EOF."""
+    await rig.warm()
     rig.proxy.script = [rig.proxy.cut_after(CUT_AT)]
     server = rig.world.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
@@ -460,6 +469,7 @@ async def test_silent_upstream_is_504_after_the_first_byte_timeout(rig):
 
 
 async def test_upstream_stalling_mid_body_fails_the_client_read(rig):
+    await rig.warm()
     rig.proxy.script = [rig.proxy.stall_after(64 * 1024)]
     started = time.monotonic()
     response = await rig.get()
@@ -480,6 +490,7 @@ async def test_upstream_stalling_mid_body_fails_the_client_read(rig):
 
 async def test_client_leaving_mid_stream_releases_the_upstream_connection(rig):
     task = await rig.add_object(StoredObject(BIG, os.urandom(BIG_SIZE), "application/octet-stream"))
+    await rig.warm(BIG, task)
     before = _active_streams()
     response = await rig.get(BIG, task)
     assert response.status == 200

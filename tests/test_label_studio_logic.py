@@ -26,7 +26,8 @@ def request(headers: dict[str, str] | None = None, cookie: str | None = None, qu
     headers = dict(headers or {})
     if cookie:
         headers["Cookie"] = cookie
-    return make_mocked_request("GET", f"/tasks/1/resolve/?fileuri=x{query}", headers=headers)
+    mocked = make_mocked_request("GET", f"/tasks/1/resolve/?fileuri=x{query}", headers=headers)
+    return mocked.headers, mocked.cookies
 
 
 @pytest.mark.parametrize(
@@ -46,23 +47,23 @@ def request(headers: dict[str, str] | None = None, cookie: str | None = None, qu
 )
 def test_which_credential_a_request_carries(headers, cookie, expected):
     gateway_token = (headers.get("Authorization") or "").partition(" ")[2] or None
-    found = credential_from(request(headers, cookie), LS, gateway_token)
+    found = credential_from(*request(headers, cookie), LS, gateway_token)
     assert (None if found is None else (found.header, found.value)) == expected
     if found is not None:
         assert found.value not in found.digest and len(found.digest) == 64  # the cache key is a hash
 
 
 def test_a_gateway_token_in_the_cookie_or_query_wins_over_the_session_cookie():
-    assert credential_from(request(cookie="sessionid=s"), LS, make_token(tasks=[1])) is None
+    assert credential_from(*request(cookie="sessionid=s"), LS, make_token(tasks=[1])) is None
     # A renamed Label Studio session cookie is honoured; the default name then is not.
     renamed = LabelStudioSettings(url="http://ls", session_cookie="ls_session")
-    assert credential_from(request(cookie="sessionid=s"), renamed, None) is None
-    assert credential_from(request(cookie="ls_session=s"), renamed, None).value == "ls_session=s"
+    assert credential_from(*request(cookie="sessionid=s"), renamed, None) is None
+    assert credential_from(*request(cookie="ls_session=s"), renamed, None).value == "ls_session=s"
 
 
 def test_the_gateways_own_tokens_are_never_taken_for_label_studio_ones():
     ours = jwt.encode({"sub": "u", "exp": 4102444800, "token_type": "access"}, SECRET)  # has sub: ours
-    assert credential_from(request({"Authorization": f"Bearer {ours}"}), LS, ours) is None
+    assert credential_from(*request({"Authorization": f"Bearer {ours}"}), LS, ours) is None
 
 
 def test_referenced_uris_written_out_or_inside_label_studio_resolve_urls():

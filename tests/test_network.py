@@ -226,7 +226,7 @@ def test_network_settings_from_file_and_environment(tmp_path):
     )
     assert settings.network.client_allowlist == ("192.0.2.0/24", "2001:db8::/32")
     assert settings.network.trusted_proxies == ("10.0.0.0/8",)
-    assert settings.limits.max_streams == 3 and settings.limits.max_streams_per_subject == 0
+    assert settings.limits.max_streams == 3 and settings.limits.max_streams_per_subject == 64
     with pytest.raises(ConfigError, match=r"^\[network\].client_allowlist: 'nope' is not"):
         settings_from_dict({"auth": {"secret": SECRET}}, env={"GATEWAY_NETWORK_CLIENT_ALLOWLIST": "nope"})
 
@@ -453,8 +453,17 @@ class Held:
         return self.app[LIMITER].active
 
 
+@pytest.fixture(params=["aiohttp", "front"])
+def held_lane(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-async def held_gateway(request, emulator, aiohttp_server, aiohttp_client, monkeypatch, tmp_path) -> AsyncIterator[Held]:
+async def held_gateway(
+    request, held_lane, emulator, aiohttp_server, aiohttp_client, fastlane, monkeypatch, tmp_path
+) -> AsyncIterator[Held]:
+    """Downloads held at a gate after their first bytes; served by aiohttp alone and by `gateway
+    serve`'s front (every media answer's lane checked)."""
     limits = {"max_streams": 2, "not_ready_after_shedding": 0.0, "retry_after": 3, **getattr(request, "param", {})}
     proxy = FaultProxy(emulator.url)
     gate = Gate(asyncio.Event())
@@ -468,7 +477,7 @@ async def held_gateway(request, emulator, aiohttp_server, aiohttp_client, monkey
     world = MediaWorld("gcs", bucket, {o.key: o for o in objects}, settings)
     app = create_app(settings)
     (world.task_a,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": {"video": world.uri(KEY)}}])
-    world.client = await aiohttp_client(app, auto_decompress=False)
+    world.client = await (fastlane(app) if held_lane == "front" else aiohttp_client(app, auto_decompress=False))
     try:
         yield Held(world, app, gate, proxy)
     finally:

@@ -54,7 +54,7 @@ def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
     )
     task_ids = _ensure_tasks(settings, state / "tasks.json")
 
-    from ..cli import mint_token
+    from ..tokens import mint_token
 
     token = mint_token(settings, "demo-annotator", projects=[PROJECT], ttl=24 * 3600)
     admin = mint_token(settings, "demo-admin", ttl=24 * 3600, admin=True)

@@ -170,7 +170,9 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # As aiohttp's parsers decode (the metadata path's JSON keeps Unicode too), so an object's
+        # Content-Type is the same text whichever request cached its metadata.
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
