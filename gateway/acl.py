@@ -9,6 +9,7 @@ confusion; `none` is never accepted.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +124,16 @@ class TokenVerifier:
             raise unauthorized("invalid_issuer", "the token comes from another issuer") from None
         except jwt.MissingRequiredClaimError:
             raise unauthorized("invalid_token", "the token lacks a required claim (sub, exp)") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError):  # OverflowError: an exp of 1e400
             raise unauthorized("invalid_token", "the token's signature does not verify") from None
-        return _claims(payload)
+        claims = _claims(payload)
+        # Checked once, when the token is decoded: time only brings a token's exp closer.
+        if claims.exp - time.time() > auth.max_token_lifetime + auth.leeway:
+            raise unauthorized(
+                "token_lifetime_exceeded",
+                f"the token expires more than {auth.max_token_lifetime:g} seconds from now ([auth].max_token_lifetime)",
+            )
+        return claims
 
 
 def _claims(payload: dict[str, Any]) -> Claims:
@@ -159,7 +167,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number: JSON integers have no limit, and 10**400 has no float."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def token_from(auth: AuthSettings, headers: Any, cookies: Any, query: Any) -> str | None:

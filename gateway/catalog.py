@@ -23,7 +23,7 @@ from .config import ConfigError, ExportStorageSettings, Settings, StorageSetting
 from .registry.sql import SqlTaskRegistry
 from .signer import Signer, SigningError, build_signer, resolve_identity
 from .storage import Backend, StorageError, build_backend, load_storage_credential
-from .storage.credentials import CredentialsError
+from .storage.credentials import CredentialsError, check_destinations
 from .vault import Vault, VaultError
 
 log = logging.getLogger("gateway.catalog")
@@ -199,6 +199,7 @@ class StorageCatalog:
         for storage_id in set(shelf.api) - set(rows):
             shelf.forget(storage_id)
         now = time.monotonic()
+        allowed = self.settings.upstream.allowed_credential_endpoints
         for storage_id, row in rows.items():
             known = shelf.api.get(storage_id)
             if (
@@ -210,7 +211,9 @@ class StorageCatalog:
             previous = shelf.problems.get(storage_id)
             try:
                 storage = shelf.from_row(row, self.vault)
-            except VaultError as exc:
+                # Rows written before the API checked destinations are held to the same rule.
+                check_destinations(storage.google_application_credentials, allowed)
+            except (VaultError, CredentialsError) as exc:
                 # Shown (and deletable, editable) with the problem; unusable without its own credentials.
                 shelf.forget(storage_id)
                 shelf.api[storage_id] = (row["updated_at"], shelf.from_row({**row, "credentials": None}, self.vault))

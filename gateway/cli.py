@@ -177,11 +177,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings(args)
     tasks: Any = "*" if args.all_tasks else args.task
-    print(
-        mint_token(
-            settings, args.sub, tasks=tasks, projects=args.project, ttl=parse_duration(args.ttl), admin=args.admin
+    ttl, longest = parse_duration(args.ttl), settings.auth.max_token_lifetime
+    if ttl > longest:  # the gateway would refuse the token (acl.TokenVerifier)
+        raise CliError(
+            f"--ttl: {ttl} seconds is longer than [auth].max_token_lifetime ({longest:g} seconds), "
+            "the longest lifetime the gateway accepts"
         )
-    )
+    print(mint_token(settings, args.sub, tasks=tasks, projects=args.project, ttl=ttl, admin=args.admin))
     return 0
 
 

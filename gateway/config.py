@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .keyfilter import FilterError, compile_filter
+
 ENV_PREFIX = "GATEWAY_"
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")  # use with fullmatch
 SUPPORTED_ALGORITHMS = frozenset(
@@ -72,6 +74,8 @@ class AuthSettings:
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 30.0
+    # Tokens whose exp lies further ahead are refused (there is no revocation list); seconds.
+    max_token_lifetime: float = 24 * 3600.0
     header: bool = True
     cookie: str = "gateway_token"
     query_param: str = "token"
@@ -119,6 +123,9 @@ class UpstreamSettings:
     pool_size: int = 256
     buffer_size: int = 64 * 1024  # bytes read ahead per stream before reading from GCS pauses
     iam_endpoint: str = "https://iamcredentials.googleapis.com"  # signBlob, for keyless presign identities
+    # URLs besides Google's own that credentials given to the storage API may name (token_uri …);
+    # exact matches. The config file's credentials are the operator's and are not checked.
+    allowed_credential_endpoints: tuple[str, ...] = ()
     signed_url_cache_size: int = 10000
 
 
@@ -523,9 +530,9 @@ def cidr_problem(cidr: str, exc: ValueError) -> str:
 def check_import_fields(s: StorageSettings, where: str) -> None:
     """The import fields, as checked for config-file and API storages alike."""
     try:
-        re.compile(s.regex_filter)
-    except re.error as exc:
-        raise ConfigError(f"{where}.regex_filter: not a valid regular expression ({exc})") from None
+        compile_filter(s.regex_filter)
+    except FilterError as exc:
+        raise ConfigError(f"{where}.regex_filter: {exc}") from None
     if not s.data_key.strip():
         raise ConfigError(f"{where}.data_key: must not be empty")
     if s.sync_interval < 0:
@@ -569,6 +576,7 @@ def validate(settings: Settings) -> None:
         ("[upstream].pool_size", upstream.pool_size, 1),
         ("[upstream].signed_url_cache_size", upstream.signed_url_cache_size, 1),
         ("[auth].leeway", auth.leeway, 0),
+        ("[auth].max_token_lifetime", auth.max_token_lifetime, 1),
         ("[auth].jwks_cooldown", auth.jwks_cooldown, 0),
         ("[server].shutdown_timeout", server.shutdown_timeout, 0),
         ("[server].max_line_size", server.max_line_size, 256),
@@ -615,6 +623,9 @@ def validate(settings: Settings) -> None:
         raise ConfigError("[media].chunk_size: expected at least 4096 bytes")
     if settings.upstream.buffer_size < 4096:
         raise ConfigError("[upstream].buffer_size: expected at least 4096 bytes")
+    for url in upstream.allowed_credential_endpoints:
+        if not re.match(r"^https?://[^/\s?#@]+(/\S*)?$", url):
+            raise ConfigError(f"[upstream].allowed_credential_endpoints: {url!r} is not an http(s) URL")
     for origin in settings.cors.origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(f"[cors].origins: {origin!r} is not an origin like https://host[:port]")

@@ -38,6 +38,8 @@ from gateway.app import create_app
 from gateway.config import Settings, settings_from_dict
 from gateway.uris import encode_fileuri
 
+from .required import missing
+
 pytest_plugins = ["tests.postgres"]
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -443,9 +445,7 @@ CHROMIUM_FLAGS = [
 @pytest.fixture
 async def browser():
     if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is required under CI (apt-get install chromium)")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+        missing("Debian's chromium is not installed (apt-get install chromium)")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:

@@ -39,6 +39,7 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 
 from .conftest import free_port, wait_until
+from .required import missing
 
 INSTALL_HINT = "apt-get install postgresql, or `make postgresql` as root"
 SYSTEM_USER = "postgres"  # the Debian package's system user, used when we are root
@@ -72,14 +73,8 @@ def find_binaries() -> PostgresBinaries | None:
     return None
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _missing(message: str) -> NoReturn:
-    if _under_ci():
-        pytest.fail(f"{message}; required under CI: {INSTALL_HINT}", pytrace=False)
-    pytest.skip(f"{message}: {INSTALL_HINT}")
+    missing(f"{message}: {INSTALL_HINT}")
 
 
 def _run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:

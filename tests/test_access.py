@@ -119,6 +119,11 @@ TOKEN_FAILURES = [
     ("boolean task id", lambda: make_token(tasks=[True]), "invalid_token"),
     ("float task id", lambda: make_token(tasks=[1.9]), "invalid_token"),
     ("alg is a list", lambda: forge_header({"alg": ["HS256"], "typ": "JWT"}), "invalid_token"),
+    # Issue 16 case 5: lifetimes are bounded by [auth].max_token_lifetime (24 h by default).
+    ("exp 1e300", lambda: make_token(tasks=[1], exp=1e300), "token_lifetime_exceeded"),
+    ("exp a year ahead", lambda: make_token(tasks=[1], ttl=365 * 86400), "token_lifetime_exceeded"),
+    ("exp 25 h ahead", lambda: make_token(tasks=[1], ttl=25 * 3600), "token_lifetime_exceeded"),
+    ("exp an integer beyond floats", lambda: make_token(tasks=[1], exp=10**400), "invalid_token"),
 ]
 
 
@@ -130,6 +135,19 @@ async def test_bad_tokens_are_401_with_a_challenge(gateway, factory, reason):
     challenge = response.headers["WWW-Authenticate"]
     assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
     assert challenge.count('"') == 6  # realm, error, error_description: nothing injected
+
+
+async def test_token_lifetime_limit_is_the_operators(gateway):
+    """A lifetime at the limit passes (leeway included); the limit follows [auth].max_token_lifetime."""
+    client = await gateway()
+    task = client.ids[0]
+    assert (await client.get(url(task), headers=bearer(make_token(tasks=[task], ttl=24 * 3600 + 20)))).status == 200
+    strict = await gateway(auth={"max_token_lifetime": 300})
+    task = strict.ids[0]
+    assert (await strict.get(url(task), headers=bearer(make_token(tasks=[task], ttl=300)))).status == 200
+    refused = await strict.get(url(task), headers=bearer(make_token(tasks=[task], ttl=600)))
+    body = await expect(refused, 401, "token_lifetime_exceeded")
+    assert "[auth].max_token_lifetime" in body["message"] and "300 seconds" in body["message"]
 
 
 async def test_missing_token(gateway):
@@ -165,18 +183,30 @@ async def test_audience_and_issuer(gateway):
         ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
     ],
 )
-async def test_asymmetric_tokens_and_algorithm_confusion(gateway, tmp_path, algorithm, key_factory):
+async def test_asymmetric_tokens_and_algorithm_confusion(gateway, tmp_path, monkeypatch, algorithm, key_factory):
+    """HS/RS confusion: an HMAC token keyed with the (public) PEM must never verify. PyJWT itself
+    refuses a PEM as an HMAC key, so the refusal alone would not show the gateway's rule: the keys
+    the gateway hands to jwt.decode are recorded, and an HS* token may only ever meet the secret."""
     private, public = pem_pair(key_factory())
     (tmp_path / "public.pem").write_bytes(public)
     client = await gateway(auth={"algorithms": ["HS256", algorithm], "public_key_file": str(tmp_path / "public.pem")})
+    used: list[tuple[str, object]] = []
+    decode = jwt.decode
+
+    def recording_decode(token, key, algorithms, **kwargs):
+        used.append((algorithms[0], key))
+        return decode(token, key, algorithms, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", recording_decode)
     task = client.ids[0]
     good = make_token(tasks=[task], key=private, algorithm=algorithm)
     assert (await client.get(url(task), headers=bearer(good))).status == 200
-    # HS/RS confusion: an HMAC token keyed with the (public) PEM must never verify.
     signing_input = f"{b64url({'alg': 'HS256', 'typ': 'JWT'})}.{b64url(forged_claims())}"
     signature = hmac.new(public, signing_input.encode(), hashlib.sha256).digest()
     forged = f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
     await expect(await client.get(url(task), headers=bearer(forged)), 401, "invalid_token")
+    assert (await client.get(url(task), headers=bearer(make_token(tasks=[task])))).status == 200
+    assert used == [(algorithm, public), ("HS256", SECRET), ("HS256", SECRET)]
 
 
 async def test_jwks_with_key_rotation(gateway, aiohttp_server):
@@ -207,15 +237,22 @@ async def test_jwks_with_key_rotation(gateway, aiohttp_server):
         return make_token(tasks=[task], key=private, algorithm="RS256", headers={"kid": kid})
 
     assert (await client.get(url(task), headers=bearer(signed("kid-1")))).status == 200
+    assert len(served) == 1
+    assert (await client.get(url(task), headers=bearer(signed("kid-1")))).status == 200  # cached: no fetch
+    assert len(served) == 1
     keys["kid-2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # rotation
     assert (await client.get(url(task), headers=bearer(signed("kid-2")))).status == 200
-    assert len(served) >= 2  # the unknown kid made the gateway fetch the key set again
-    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    keys_before = dict(keys)
-    private, _ = pem_pair(stranger)
+    assert len(served) == 2  # the unknown kid made the gateway fetch the key set again
+    # A kid the issuer does not publish: fetched again once (it might be new), then refused.
+    private, _ = pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
     unknown = make_token(tasks=[task], key=private, algorithm="RS256", headers={"kid": "kid-unknown"})
-    await expect(await client.get(url(task), headers=bearer(unknown)), 401, "invalid_token")
-    assert keys == keys_before
+    body = await expect(await client.get(url(task), headers=bearer(unknown)), 401, "invalid_token")
+    assert "kid" in body["message"]
+    assert len(served) == 3
+    # A known kid with a signature by another key: no fetch, and no pass.
+    forged = make_token(tasks=[task], key=private, algorithm="RS256", headers={"kid": "kid-1"})
+    await expect(await client.get(url(task), headers=bearer(forged)), 401, "invalid_token")
+    assert len(served) == 3
 
 
 async def test_task_level_grants(gateway):

@@ -21,13 +21,13 @@ from gateway.demo import prepare_demo
 from .conftest import SECRET
 
 
-def write_config(tmp_path, extra: str = "") -> str:
+def write_config(tmp_path, extra: str = "", auth: str = "") -> str:
     media = tmp_path / "media"
     media.mkdir(exist_ok=True)
     (media / "a.txt").write_text("hello")
     path = tmp_path / "gateway.toml"
     path.write_text(
-        f'[auth]\nsecret = "{SECRET}"\naudience = "media"\n'
+        f'[auth]\nsecret = "{SECRET}"\naudience = "media"\n{auth}'
         f'[registry]\nurl = "sqlite:///{tmp_path / "r.db"}"\n'
         f'[[storages]]\nid = "s"\nproject = 3\ntype = "local"\nbucket = "bkt"\nroot = "media"\n{extra}'
     )
@@ -46,6 +46,21 @@ def test_token_prints_a_verifiable_jwt(tmp_path, capsys):
     assert main(["token", "--config", config, "--sub", "root", "--admin", "--all-tasks"]) == 0
     claims = jwt.decode(capsys.readouterr().out.strip(), SECRET, algorithms=["HS256"], audience="media")
     assert claims["admin"] is True and claims["tasks"] == "*"
+
+
+def test_token_refuses_to_mint_beyond_the_lifetime_the_gateway_accepts(tmp_path, capsys):
+    """Issue 16 case 5: `--ttl` longer than [auth].max_token_lifetime (24 h by default) is refused."""
+    config = write_config(tmp_path)
+    assert main(["token", "--config", config, "--sub", "ann", "--ttl", "1d"]) == 0  # the default limit itself
+    capsys.readouterr()
+    assert main(["token", "--config", config, "--sub", "ann", "--ttl", "2d"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "--ttl" in captured.err and "[auth].max_token_lifetime" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    short = write_config(tmp_path, "", auth="max_token_lifetime = 600\n")
+    assert main(["token", "--config", short, "--sub", "ann", "--ttl", "11m"]) == 2
+    assert "(600 seconds)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("45s", 45), ("30m", 1800), ("1h", 3600), ("7d", 604800)])

@@ -143,6 +143,12 @@ def test_valid_values(sections: dict[str, Any], attribute: tuple[str, str], expe
             id="missing-private-key-file",
         ),
         pytest.param({"auth": {"leeway": -1}}, "[auth].leeway", id="negative-leeway"),
+        pytest.param({"auth": {"max_token_lifetime": 0}}, "[auth].max_token_lifetime", id="no-token-lifetime"),
+        pytest.param(
+            {"upstream": {"allowed_credential_endpoints": ["127.0.0.1:9/token"]}},
+            "[upstream].allowed_credential_endpoints",
+            id="credential-endpoint-without-scheme",
+        ),
         pytest.param({"auth": {"header": False, "cookie": "", "query_param": ""}}, "header", id="no-token-source"),
         pytest.param({"registry": {"url": "mysql://db/gw"}}, "[registry].url", id="bad-registry-url"),
         pytest.param({"media": {"chunk_size": 4095}}, "[media].chunk_size", id="chunk-too-small"),

@@ -299,6 +299,8 @@ async def test_unknown_storage_is_404(world):
         pytest.param({"bucket": "Bad_Bucket!"}, "bucket", id="bad-bucket"),
         pytest.param({"bucket": "ab"}, "bucket", id="short-bucket"),
         pytest.param({"regex_filter": "(unclosed"}, "regex_filter", id="bad-regex"),
+        pytest.param({"regex_filter": r"(a)\1"}, "regex_filter", id="regex-backreference"),
+        pytest.param({"regex_filter": r".*(?<!\.tmp)$"}, "regex_filter", id="regex-look-behind"),
         pytest.param({"presign_ttl": 0}, "presign_ttl", id="ttl-zero"),
         pytest.param({"presign_ttl": 10081}, "presign_ttl", id="ttl-too-long"),
         pytest.param({"presign_ttl": "15"}, "presign_ttl", id="ttl-string"),

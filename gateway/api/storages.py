@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import re
 from typing import Any
 
 from aiohttp import web
@@ -18,12 +17,13 @@ from aiohttp import web
 from .. import strictjson
 from ..config import BUCKET_RE, StorageSettings, cidr_problem, normalize_prefix, parse_network
 from ..errors import Refused
+from ..keyfilter import FilterError, compile_filter
 from ..registry.sql import empty_counters
 from ..signer import SigningError, build_signer, resolve_identity
 from ..state import CATALOG, REGISTRY, SYNC_WORKER
 from ..storage import Backend, BucketNotFound, StorageError, build_backend, load_storage_credential
 from ..storage.base import UpstreamDenied
-from ..storage.credentials import CredentialsError
+from ..storage.credentials import CredentialsError, check_destinations
 from ..sync.engine import preview
 from .auth import require_admin
 
@@ -393,9 +393,9 @@ async def _checked(
         values["prefix"] = normalize_prefix(values["prefix"])
     if "regex_filter" in values:
         try:
-            re.compile(values["regex_filter"])
-        except re.error as exc:
-            errors["regex_filter"] = f"not a valid regular expression ({exc})"
+            compile_filter(values["regex_filter"])
+        except FilterError as exc:
+            errors["regex_filter"] = str(exc)
     if "client_allowlist" in fields:
         _check_allowlist(fields["client_allowlist"], values, errors)
     if "data_key" in values and not values["data_key"].strip():
@@ -450,6 +450,11 @@ async def _check_credentials(
         # external_account / impersonation configs name files, URLs and commands that google-auth
         # reads or calls on refresh: from the API they would read the gateway's own secrets.
         errors[SECRET] = "only service_account and authorized_user credentials may be given to the API"
+        return
+    try:
+        check_destinations(value, request.app[CATALOG].settings.upstream.allowed_credential_endpoints)
+    except CredentialsError as exc:
+        errors[SECRET] = _credentials_problem(exc, value)
         return
     probe = StorageSettings(
         id="probe",

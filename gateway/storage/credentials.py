@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,62 @@ READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 READ_WRITE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # target storages (export)
 
 
+GOOGLE_UNIVERSE = "googleapis.com"  # the only universe whose storage endpoint the gateway reaches
+_GOOGLE_HOST = re.compile(r"(?:[a-z0-9-]+\.)+googleapis\.com|accounts\.google\.com")
+_NETLOC = re.compile(r"(?P<host>[a-z0-9.-]+)(?::443)?")  # no user info, no other port, nothing odd
+
+
 class CredentialsError(ValueError):
     pass
+
+
+def check_destinations(setting: str | None, allowed: tuple[str, ...]) -> None:
+    """Credentials given to the API may send the gateway nowhere but to Google (or to endpoints
+    the operator lists in `[upstream] allowed_credential_endpoints`): google-auth posts a signed
+    assertion to a key's `token_uri` on every refresh, so a key naming an internal address would
+    make the gateway a blind request forger. Every URL in the JSON counts, followed today or not,
+    and `universe_domain` must be Google's; checked before anything is loaded or sent. The config
+    file is the operator's own and is not checked.
+
+    The error names the field, never its value (credentials are never echoed)."""
+    if not setting:
+        return  # Application Default Credentials: the operator's
+    try:
+        info = json.loads(setting)
+    except ValueError:
+        raise CredentialsError("inline credentials are not valid JSON") from None
+    for field, value in _string_fields(info, ""):
+        name = field.rsplit(".", 1)[-1]
+        if name == "universe_domain":
+            if value != GOOGLE_UNIVERSE:
+                raise CredentialsError(f"{field}: only Google's universe ({GOOGLE_UNIVERSE}) can be used")
+            continue
+        is_url = bool(value) and ("://" in value or name.endswith(("_uri", "_url")))
+        if is_url and value not in allowed and not _google_endpoint(value):
+            raise CredentialsError(
+                f"{field}: not a Google endpoint (https://*.googleapis.com, https://accounts.google.com) "
+                "nor one listed in [upstream].allowed_credential_endpoints"
+            )
+
+
+def _google_endpoint(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    netloc = _NETLOC.fullmatch(parts.netloc.lower())
+    return parts.scheme == "https" and netloc is not None and _GOOGLE_HOST.fullmatch(netloc["host"]) is not None
+
+
+def _string_fields(value: Any, path: str) -> list[tuple[str, str]]:
+    """(dotted path, string) for every string in a JSON value, keys included in the path."""
+    if isinstance(value, str):
+        return [(path or "(the credentials)", value)]
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _string_fields(item, f"{path}.{key}" if path else key)]
+    if isinstance(value, list):
+        return [pair for index, item in enumerate(value) for pair in _string_fields(item, f"{path}[{index}]")]
+    return []
 
 
 def load_credentials(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -22,10 +21,12 @@ from typing import Any
 
 from .. import metrics
 from ..config import StorageSettings, SyncSettings
+from ..keyfilter import compile_filter
 from ..registry import ImportedObject
 from ..registry.sql import MAX_JOB_ERRORS, SqlTaskRegistry, empty_counters
 from ..storage import Backend, ListedObject, ObjectReader, StorageError
 from ..storage.base import ObjectNotFound
+from .cpu import off_loop
 from .parse import FileError, RowError, file_format, parse_task_file
 
 log = logging.getLogger("gateway.sync")
@@ -59,9 +60,10 @@ class Progress:
 
 def selects(storage: StorageSettings) -> Callable[[str], bool]:
     """Which listed keys a storage imports: not folder markers, and `regex_filter` as Label
-    Studio applies it (`re.match` against the whole key, prefix included; empty: all)."""
-    pattern = re.compile(storage.regex_filter) if storage.regex_filter else None
-    return lambda key: not key.endswith("/") and (pattern is None or pattern.match(key) is not None)
+    Studio applies it (a match against the whole key, prefix included; empty: all), by RE2
+    (gateway/keyfilter.py). Raises FilterError for a filter RE2 cannot run."""
+    matches = compile_filter(storage.regex_filter)
+    return lambda key: not key.endswith("/") and (matches is None or matches(key))
 
 
 def blob_task(storage: StorageSettings, key: str) -> dict[str, Any]:
@@ -111,7 +113,7 @@ class Sync:
 
     async def _reconcile(self, page: list[ListedObject], after: str | None, upto: str | None) -> None:
         storage, progress = self.storage, self.progress
-        wanted = {obj.key: obj for obj in page if self._wanted(obj.key)}
+        wanted = await off_loop(self._select, page)
         progress.add("skipped", len(page) - len(wanted))
         # The registry's objects of the key range, a chunk at a time: a range may hold any
         # number of objects gone from the bucket or the storage's scope (an emptied bucket, an
@@ -146,6 +148,9 @@ class Sync:
                             group.create_task(self._import_file(obj))
                 except ExceptionGroup as failed:  # the first failure, as a sequential import would raise it
                     raise failed.exceptions[0] from None
+
+    def _select(self, page: list[ListedObject]) -> dict[str, ListedObject]:
+        return {obj.key: obj for obj in page if self._wanted(obj.key)}
 
     def _uri(self, key: str) -> str:
         return f"gs://{self.storage.bucket}/{key}"
@@ -267,7 +272,7 @@ async def preview(storage: StorageSettings, backend: Backend, limit: int = 20) -
     while len(keys) < limit and pages < 10:  # a prefix of non-matching keys must not list the bucket
         page, token = await backend.list_page(storage.prefix, storage.recursive_scan, token, 1000)
         pages += 1
-        keys.extend(obj.key for obj in page if wanted(obj.key))
+        keys.extend(await off_loop(lambda page: [obj.key for obj in page if wanted(obj.key)], page))
         if token is None:
             break
     keys = keys[:limit]

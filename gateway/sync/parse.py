@@ -23,6 +23,7 @@ import ijson
 
 from .. import strictjson
 from ..registry import BadTask, normalize_task
+from .cpu import Remote
 
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 1000
@@ -49,7 +50,10 @@ async def parse_task_file(
 ) -> AsyncIterator[tuple[int, dict[str, Any] | RowError]]:
     """Rows of a task file as they stream in. JSON and JSONL are parsed in bounded memory with no
     disk; Parquet needs random access and is spooled to a temporary file of at most
-    `max_parquet_bytes` (its decoded size, for a gzip-encoded object)."""
+    `max_parquet_bytes` (its decoded size, for a gzip-encoded object).
+
+    Parsing and normalizing run in the parser process (gateway/sync/cpu.py), a chunk or a Parquet
+    batch at a time: the event loop that may also serve media only moves bytes and rows."""
     fmt = file_format(key)
     if fmt is None:
         raise FileError("not a task file (expected a .json, .jsonl, .ndjson or .parquet name)")
@@ -57,35 +61,63 @@ async def parse_task_file(
         rows = _parquet_rows(chunks, max_parquet_bytes)
     else:
         rows = _json_rows(chunks) if fmt == "json" else _jsonl_rows(chunks)
-    async for row, item in rows:
-        if isinstance(item, RowError):
-            yield row, item
-            continue
-        try:
-            yield row, normalize_task(item, row + 1)
-        except BadTask as exc:
-            yield row, RowError(str(exc).partition(": ")[2] or str(exc))
+    async for batch in rows:
+        for row in batch:
+            yield row
 
+
+def _task(row: int, item: Any) -> tuple[int, dict[str, Any] | RowError]:
+    if isinstance(item, RowError):
+        return row, item
+    try:
+        return row, normalize_task(item, row + 1)
+    except BadTask as exc:
+        return row, RowError(str(exc).partition(": ")[2] or str(exc))
+
+
+# -- JSON --------------------------------------------------------------------------------------
 
 MAX_DEPTH = 100  # task data nested deeper is refused (a row or file error), never parsed
 _STRUCTURE = re.compile(rb'[\[\]{}"\\]')
 
 
-class _ChunkReader:
-    """An async file-like view of a chunk stream, as ijson reads it."""
+class _JsonItems:
+    """A JSON list of tasks (or one task) pushed in chunk by chunk (ijson's push interface):
+    each `feed` parses one chunk and returns the tasks it completed."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], first: bytes) -> None:
-        self._chunks, self._pending = chunks, first
+    def __init__(self, listed: bool) -> None:
+        self._listed = listed
+        self._items = ijson.sendable_list()
+        self._parser = ijson.items_coro(self._items, "item" if listed else "", use_float=True)
+        self._row = -1
         self._depth, self._in_string, self._escaped = 0, False, False
 
-    async def read(self, size: int = -1) -> bytes:
-        if size == 0:  # ijson probes with read(0) for bytes or str and drops the answer
-            return b""
-        if not self._pending:
-            self._pending = await anext(self._chunks, b"")
-        data, self._pending = self._pending, b""
+    def feed(self, data: bytes) -> list[tuple[int, dict[str, Any] | RowError]]:
         self._guard_depth(data)
-        return data
+        try:
+            self._parser.send(data)
+        except ijson.JSONError as exc:
+            raise self._malformed(exc) from None
+        return self._completed()
+
+    def close(self) -> list[tuple[int, dict[str, Any] | RowError]]:
+        try:
+            self._parser.close()
+        except ijson.JSONError as exc:
+            raise self._malformed(exc) from None
+        return self._completed()
+
+    def _completed(self) -> list[tuple[int, dict[str, Any] | RowError]]:
+        rows = []
+        for item in self._items:
+            self._row += 1
+            rows.append(_task(self._row, item))
+        del self._items[:]
+        return rows
+
+    def _malformed(self, exc: Exception) -> FileError:
+        where = f"after item {self._row + 1}" if self._listed else "in the task"
+        return FileError(f"malformed JSON {where}: {str(exc).splitlines()[0]}")
 
     def _guard_depth(self, data: bytes) -> None:
         """Refuse nesting deeper than MAX_DEPTH before ijson sees it: its C backend's memory
@@ -109,7 +141,7 @@ class _ChunkReader:
                 self._depth -= 1
 
 
-async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[int, Any]]]:
     """A JSON list of tasks (or one task), parsed item by item: memory stays bounded."""
     first = b""
     async for chunk in chunks:
@@ -122,42 +154,55 @@ async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, A
         return  # an empty file holds no tasks
     if head not in (b"[", b"{"):
         raise FileError("not JSON task data (expected a list of tasks or one task)")
-    row = -1
-    try:
-        async for item in ijson.items(_ChunkReader(chunks, first), "item" if head == b"[" else "", use_float=True):
-            row += 1
-            yield row, item
-    except ijson.JSONError as exc:
-        where = f"after item {row + 1}" if head == b"[" else "in the task"
-        raise FileError(f"malformed JSON {where}: {str(exc).splitlines()[0]}") from None
+    async with Remote(_JsonItems, head == b"[") as parser:
+        yield await parser.call("feed", first)
+        async for chunk in chunks:
+            yield await parser.call("feed", chunk)
+        yield await parser.call("close")
 
 
-async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
+# -- JSONL -------------------------------------------------------------------------------------
+
+
+class _JsonLines:
     """One task per line; blank lines are skipped but keep their number.
 
     A line longer than a chunk is gathered in pieces and joined once, at its end: each byte is
     copied a bounded number of times however long the line (a task with an inline image).
     """
-    pieces: list[bytes] = []
-    row = 0
-    async for chunk in chunks:
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes] = []
+        self._row = 0
+
+    def feed(self, chunk: bytes) -> list[tuple[int, dict[str, Any] | RowError]]:
+        rows = []
         start = 0
         while (end := chunk.find(b"\n", start)) >= 0:
-            pieces.append(chunk[start:end])
-            line = b"".join(pieces)
-            pieces.clear()
+            self._pieces.append(chunk[start:end])
+            line = b"".join(self._pieces)
+            self._pieces.clear()
             if line.strip():
-                yield row, _json_line(line, row)
-            row += 1
+                rows.append(_task(self._row, _json_line(line)))
+            self._row += 1
             start = end + 1
         if start < len(chunk):
-            pieces.append(chunk[start:])
-    line = b"".join(pieces)
-    if line.strip():
-        yield row, _json_line(line, row)
+            self._pieces.append(chunk[start:])
+        return rows
+
+    def close(self) -> list[tuple[int, dict[str, Any] | RowError]]:
+        line = b"".join(self._pieces)
+        return [_task(self._row, _json_line(line))] if line.strip() else []
 
 
-def _json_line(line: bytes, row: int) -> Any:
+async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[int, Any]]]:
+    async with Remote(_JsonLines) as parser:
+        async for chunk in chunks:
+            yield await parser.call("feed", chunk)
+        yield await parser.call("close")
+
+
+def _json_line(line: bytes) -> Any:
     try:
         return strictjson.loads(line)
     except UnicodeDecodeError:
@@ -168,12 +213,12 @@ def _json_line(line: bytes, row: int) -> Any:
         return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
 
 
-async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[tuple[int, Any]]:
+# -- Parquet -----------------------------------------------------------------------------------
+
+
+async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[list[tuple[int, Any]]]:
     """Parquet needs random access: the file is spooled to a temporary file, then read one
     batch of rows at a time (columns become data fields; a `data` struct column is the data)."""
-    import pyarrow.lib
-    import pyarrow.parquet as pq
-
     handle = tempfile.NamedTemporaryFile(prefix="gateway-sync-", suffix=".parquet", delete=False)  # noqa: SIM115
     try:
         size = 0
@@ -188,25 +233,37 @@ async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIt
         handle.close()
         if size == 0:
             return  # an empty file holds no tasks, whatever its format
-        try:
-            parquet = await asyncio.to_thread(pq.ParquetFile, handle.name)
-        except (pyarrow.lib.ArrowException, OSError) as exc:
-            raise FileError(f"not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
-        row = 0
-        while True:
-            try:
-                batch = await asyncio.to_thread(next, batches, None)
-            except (pyarrow.lib.ArrowException, OSError) as exc:
-                raise FileError(f"Parquet read failed at row {row + 1} ({str(exc).splitlines()[0]})") from None
-            if batch is None:
-                return
-            for record in batch.to_pylist():
-                yield row, _jsonable(record)
-                row += 1
+        async with Remote(_ParquetBatches, handle.name) as batches:
+            while rows := await batches.call("next_rows"):
+                yield rows
     finally:
         handle.close()
         os.unlink(handle.name)
+
+
+class _ParquetBatches:
+    """A spooled Parquet file's rows as tasks, a batch at a time ([] at the end)."""
+
+    def __init__(self, path: str) -> None:
+        import pyarrow.lib
+        import pyarrow.parquet as pq
+
+        self._errors = (pyarrow.lib.ArrowException, OSError)
+        try:
+            self._batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        except self._errors as exc:
+            raise FileError(f"not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        self._row = 0
+
+    def next_rows(self) -> list[tuple[int, dict[str, Any] | RowError]]:
+        try:
+            batch = next(self._batches, None)
+        except self._errors as exc:
+            raise FileError(f"Parquet read failed at row {self._row + 1} ({str(exc).splitlines()[0]})") from None
+        if batch is None:
+            return []
+        first, self._row = self._row, self._row + batch.num_rows
+        return [_task(first + index, _jsonable(record)) for index, record in enumerate(batch.to_pylist())]
 
 
 def _jsonable(value: Any) -> Any:

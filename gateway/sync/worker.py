@@ -22,6 +22,7 @@ from typing import Any
 from .. import metrics
 from ..catalog import StorageCatalog
 from ..config import StorageSettings
+from ..keyfilter import FilterError
 from ..registry import RegistryUnavailable
 from ..storage import BucketNotFound, StorageError
 from .engine import Progress, Sync
@@ -130,6 +131,9 @@ class SyncWorker:
                 status = await self._with_heartbeat(job_id, progress, sync.run())
             except BucketNotFound as exc:
                 message = f"bucket {storage.bucket!r} does not exist" if storage.type == "gcs" else str(exc)
+                metrics.SYNC_ERRORS.labels("job").inc()
+            except FilterError as exc:  # stored before filters ran on RE2
+                message = f"regex_filter: {exc}"
                 metrics.SYNC_ERRORS.labels("job").inc()
             except StorageError as exc:
                 message = exc.public_message or str(exc)
