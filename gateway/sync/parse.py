@@ -13,7 +13,6 @@ import datetime
 import decimal
 import math
 import os
-import re
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from ..registry import BadTask, normalize_task
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 1000
 MAX_PARQUET_BYTES = 2 * 1024**3  # default of [sync] max_parquet_bytes: the disk a Parquet file may take
-BOM = b"\xef\xbb\xbf"
 
 
 class FileError(Exception):
@@ -67,16 +65,14 @@ async def parse_task_file(
             yield row, RowError(str(exc).partition(": ")[2] or str(exc))
 
 
-MAX_DEPTH = 100  # task data nested deeper is refused (a row or file error), never parsed
-_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
-
-
 class _ChunkReader:
-    """An async file-like view of a chunk stream, as ijson reads it."""
+    """An async file-like view of a chunk stream, as ijson reads it. Nesting is bounded before
+    ijson sees a chunk: its C backend's memory grows with the square of the depth (a 40 KB file
+    20,000 levels deep takes 1 GB)."""
 
     def __init__(self, chunks: AsyncIterator[bytes], first: bytes) -> None:
         self._chunks, self._pending = chunks, first
-        self._depth, self._in_string, self._escaped = 0, False, False
+        self._depth = strictjson.DepthGuard()
 
     async def read(self, size: int = -1) -> bytes:
         if size == 0:  # ijson probes with read(0) for bytes or str and drops the answer
@@ -84,29 +80,11 @@ class _ChunkReader:
         if not self._pending:
             self._pending = await anext(self._chunks, b"")
         data, self._pending = self._pending, b""
-        self._guard_depth(data)
+        try:
+            self._depth.feed(data)
+        except strictjson.BadJson as exc:
+            raise FileError(f"JSON {exc}") from None
         return data
-
-    def _guard_depth(self, data: bytes) -> None:
-        """Refuse nesting deeper than MAX_DEPTH before ijson sees it: its C backend's memory
-        grows with the square of the depth (a 40 KB file 20,000 levels deep takes 1 GB)."""
-        for match in _STRUCTURE.finditer(data):
-            char = match.group()
-            if self._escaped:
-                self._escaped = False
-            elif self._in_string:
-                if char == b"\\":
-                    self._escaped = True
-                elif char == b'"':
-                    self._in_string = False
-            elif char == b'"':
-                self._in_string = True
-            elif char in b"[{":
-                self._depth += 1
-                if self._depth > MAX_DEPTH:
-                    raise FileError(f"JSON nested deeper than {MAX_DEPTH} levels")
-            elif char in b"]}":
-                self._depth -= 1
 
 
 async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, Any]]:
@@ -114,9 +92,9 @@ async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, A
     first = b""
     async for chunk in chunks:
         first += chunk
-        if len(first) >= len(BOM) and first.removeprefix(BOM).strip():
+        if len(first) >= len(strictjson.BOM) and first.removeprefix(strictjson.BOM).strip():
             break
-    first = first.removeprefix(BOM)  # as some editors save UTF-8
+    first = first.removeprefix(strictjson.BOM)  # as some editors save UTF-8
     head = first.lstrip()[:1]
     if not head:
         return  # an empty file holds no tasks
@@ -160,12 +138,8 @@ async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, 
 def _json_line(line: bytes, row: int) -> Any:
     try:
         return strictjson.loads(line)
-    except UnicodeDecodeError:
-        return RowError("not valid JSON (not UTF-8 text)")
-    except RecursionError:
-        return RowError("nested too deeply")
-    except ValueError as exc:  # JSONDecodeError among them
-        return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
+    except strictjson.BadJson as exc:
+        return RowError(f"not valid JSON ({str(exc).split(':')[0]})")
 
 
 async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[tuple[int, Any]]:
