@@ -269,3 +269,20 @@ def test_a_stopped_postgresql_is_unavailable_until_it_is_back(gateway, restartab
     assert status == 200 and answer["versions"] == [2], answer  # version 1 survived the outage
     assert "registry available again" in node.log()
     assert node.log().count(UNAVAILABLE_LINE) == 1, node.log()
+
+
+async def test_ids_beyond_the_columns_are_unknown_not_an_outage(registry_url, caplog) -> None:
+    """Found by tests/test_api_fuzz.py on PostgreSQL, where tasks.id is a 32-bit INTEGER: the
+    driver refused task 999999999999999998, which was answered as an unavailable registry."""
+    from gateway.registry import open_registry
+
+    registry = open_registry(registry_url)
+    try:
+        [task] = await registry.add_tasks(PROJECT, [{"data": {"a": 1}}])
+        for unknown in (2**31, 999_999_999_999_999_998):
+            assert await registry.get_task(unknown) is None
+            assert await registry.task_access(unknown) is None
+        assert (await registry.get_task(task))["data"] == {"a": 1}
+        assert registry.problem is None and UNAVAILABLE_LINE not in caplog.text
+    finally:
+        await registry.close()

@@ -687,6 +687,9 @@ async def test_sync_then_list_resolve_and_serve(world, registry_url):
     single = await api.call("GET", f"/api/tasks/{task['id']}?resolve=true", 200)
     assert single["data"] == {"$undefined$": expected}
     assert (await api.call("GET", f"/api/tasks/{task['id']}", 200))["data"] == {"$undefined$": uri}
+    assert (await api.call("GET", f"/api/tasks/{task['id']}?resolve=no", 200))["data"] == {"$undefined$": uri}
+    for value in ("maybe", "TRUE"):  # only the documented values: not a guess (found by tests/test_api_fuzz.py)
+        assert (await api.call("GET", f"/api/tasks/{task['id']}?resolve={value}", 400))["error"] == "bad_parameter"
 
     # The rewritten URL serves the object to a token for that task, and only to it.
     token = {"Authorization": f"Bearer {make_token(tasks=[task['id']])}"}

@@ -79,8 +79,17 @@ def _resolved(task: dict[str, Any]) -> dict[str, Any]:
     return {**task, "data": resolve_uris(task["data"], lambda uri: prefix + encode_fileuri(uri))}
 
 
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    """A documented boolean value, or absent (false); anything else is a 400 rather than a guess."""
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value not in _FLAGS:
+        raise Refused(400, "bad_parameter", f"{name}: expected true or false")
+    return _FLAGS[value]
 
 
 def _positive(request: web.Request, name: str, default: int) -> int:

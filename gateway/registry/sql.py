@@ -43,6 +43,7 @@ from .schema import (
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps counting
+MAX_TASK_ID = 2**31 - 1  # tasks.id is a 32-bit INTEGER on PostgreSQL: a larger id names no task
 KEYS_PER_STATEMENT = 1000  # SQLite and asyncpg refuse statements with more than 32766 parameters
 _STORAGE_TABLES = {"source": storages_table, "export": export_storages_table}
 log = logging.getLogger("gateway.registry")
@@ -222,6 +223,8 @@ class SqlTaskRegistry:
             return await _insert_tasks(conn, [{"project": project, "task": task} for task in tasks])
 
     async def task_access(self, task_id: int) -> TaskAccess | None:
+        if not 0 < task_id <= MAX_TASK_ID:  # else PostgreSQL's driver refuses the parameter
+            return None
         async with self._connect() as conn:
             project = (
                 await conn.execute(select(tasks_table.c.project).where(tasks_table.c.id == task_id))
@@ -234,6 +237,8 @@ class SqlTaskRegistry:
             return TaskAccess(task_id, project, frozenset(uris))
 
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
+        if not 0 < task_id <= MAX_TASK_ID:
+            return None
         async with self._connect() as conn:
             row = (await conn.execute(_task_select().where(tasks_table.c.id == task_id))).one_or_none()
         return None if row is None else _task_dict(row)
