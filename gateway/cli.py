@@ -435,7 +435,7 @@ def _compact_before_fork() -> None:
 async def _prepare_registry(settings: Settings) -> None:
     """Before a process serves, works or imports: refuse a registry that was lost (see
     gateway/registry/marker.py), create or migrate it, and mark it as created."""
-    from .registry import marker, open_registry
+    from .registry import RegistryUnavailable, marker, open_registry
     from .registry.sql import describe, sqlite_file
 
     database = sqlite_file(settings.registry.url)
@@ -450,7 +450,8 @@ async def _prepare_registry(settings: Settings) -> None:
     try:
         await registry.ping()
     except Exception as exc:  # any driver error: one line naming the setting
-        raise ConfigError(f"[registry].url: cannot open the registry ({describe(exc)})") from None
+        reason = str(exc) if isinstance(exc, RegistryUnavailable) else describe(exc)
+        raise ConfigError(f"[registry].url: cannot open the registry ({reason})") from None
     finally:
         await registry.close()
     try:
