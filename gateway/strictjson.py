@@ -21,9 +21,9 @@ MAX_DEPTH = 100  # no task, annotation or setting needs more; deeper JSON is ref
 BOM = b"\xef\xbb\xbf"  # as some editors save UTF-8; accepted and dropped
 
 _BODY = rb'(?:[^"\\]++|\\[\s\S])*+'  # a string's content; possessive, so never backtracking
-# A whole string, or (group 1) one still open where the text ends (a lone backslash may end it).
-_STRING = re.compile(rb'"' + _BODY + rb'"|("' + _BODY + rb"\\?)\Z")
+_STRING = re.compile(rb'"' + _BODY + rb'"')
 _STRING_REST = re.compile(_BODY + rb'(")?')  # the rest of a string begun in an earlier piece
+_BLOCK = 1024 * 1024  # brackets summed per step: nesting too deep is refused without reading on
 _LEVELS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # as signed bytes: +1 opens, -1 closes
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -53,17 +53,23 @@ class DepthGuard:
                 self._escaped = rest.end() < len(data)  # stopped before a lone backslash
                 return
             start, self._in_string = rest.end(), False
-        outside, quote, open_string = _STRING.sub(rb"\1", data[start:]).partition(b'"')
-        if quote:
-            self._in_string = True
-            self._escaped = (len(open_string) - len(open_string.rstrip(b"\\"))) % 2 == 1
+        piece = data[start:]
+        lone_backslash = (len(piece) - len(piece.rstrip(b"\\"))) % 2 == 1
+        if lone_backslash:
+            piece = piece[:-1]
+        # Strings removed in one C-level pass with a literal replacement. The quote appended
+        # closes a string the piece ends in, so every match succeeds and the scan stays linear
+        # (a failed match would be retried at each escaped quote after it); it survives only
+        # when the piece ends outside strings.
+        outside = _STRING.sub(b"", piece + b'"')
+        self._in_string = not outside.endswith(b'"')
+        self._escaped = self._in_string and lone_backslash
         levels = outside.translate(_LEVELS, _NOT_BRACKETS)
-        if levels:
-            steps = array.array("b", levels)
-            peak = self.depth + max(accumulate(steps))
-            self.depth += sum(steps)
-            if peak > self.limit:
+        for begin in range(0, len(levels), _BLOCK):
+            steps = array.array("b", levels[begin : begin + _BLOCK])
+            if self.depth + max(accumulate(steps)) > self.limit:
                 raise BadJson(f"nested deeper than {self.limit} levels")
+            self.depth += sum(steps)
 
 
 def loads(data: bytes, max_depth: int = MAX_DEPTH) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import random
 from typing import Any
 
 import pytest
@@ -139,3 +140,40 @@ def test_depth_guard_reads_pieces_as_one_text() -> None:
     guard = strictjson.DepthGuard()
     guard.feed(b'[{"a": "\\n", "b": "[[[["}, [[1]]]')
     assert guard.depth == 0
+
+
+def _reference_depth(text: bytes, limit: int) -> int | None:
+    """Byte by byte, as the JSON grammar reads strings: the final depth, or None past `limit`."""
+    depth, in_string, escaped = 0, False, False
+    for byte in text:
+        char = bytes([byte])
+        if escaped:
+            escaped = False
+        elif in_string:
+            escaped, in_string = char == b"\\", char != b'"'
+        elif char == b'"':
+            in_string = True
+        elif char in b"[{":
+            depth += 1
+            if depth > limit:
+                return None
+        elif char in b"]}":
+            depth -= 1
+    return depth
+
+
+def test_depth_guard_agrees_with_a_byte_by_byte_reading() -> None:
+    """Random texts of brackets, quotes and backslashes, fed in random pieces (a fixed seed)."""
+    generator = random.Random(16)
+    for _ in range(20_000):
+        text = bytes(generator.choice(b'[]{}"\\ax') for _ in range(generator.randint(0, 30)))
+        limit = generator.randint(0, 4)
+        cuts = sorted(generator.sample(range(len(text) + 1), k=min(len(text) + 1, generator.randint(0, 4))))
+        guard = strictjson.DepthGuard(limit)
+        try:
+            for begin, end in zip([0, *cuts], [*cuts, len(text)], strict=True):
+                guard.feed(text[begin:end])
+            depth: int | None = guard.depth
+        except strictjson.BadJson:
+            depth = None
+        assert depth == _reference_depth(text, limit), (text, cuts, limit)
