@@ -210,9 +210,8 @@ async def gateway_middleware(
     except StorageError as exc:
         request[ERROR] = exc.reason
         return json_error(exc.status, exc.reason, exc.public_message or str(exc))
-    except RegistryUnavailable:
+    except RegistryUnavailable:  # logged once per outage by the registry, not once per request
         request[ERROR] = "registry_unavailable"
-        log.exception("registry unavailable (request %s)", request[REQUEST_ID])
         return json_error(503, "registry_unavailable", "the task registry cannot be reached; retry")
     except web.HTTPException as exc:
         if exc.empty_body or exc.status < 400:
@@ -235,11 +234,12 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Registry and every config-file storage reachable (kept a few seconds so probes stay cheap),
-    and this process not shedding load (checked live)."""
+    """Registry and every config-file storage reachable (kept a few seconds so probes stay cheap,
+    but checked again at once while the registry has a problem: a write failed), and this process
+    not shedding load (checked live)."""
     cache = request.app[READINESS]
     now = time.monotonic()
-    if cache.get("until", 0) < now:
+    if cache.get("until", 0) < now or request.app[REGISTRY].problem is not None:
         checks: dict[str, str] = {}
         try:
             await request.app[REGISTRY].ping()

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from .config import ConfigError, ExportStorageSettings, Settings, StorageSettings
+from .registry import RegistryUnavailable
 from .registry.sql import SqlTaskRegistry
 from .signer import Signer, SigningError, build_signer, resolve_identity
 from .storage import Backend, StorageError, build_backend, load_storage_credential
@@ -255,6 +256,8 @@ class StorageCatalog:
                     if latest != seen:
                         seen = latest
                         on_tasks_changed()
+            except RegistryUnavailable:
+                pass  # keep serving the last snapshot; the registry logs the outage once
             except Exception as exc:  # keep serving the last snapshot
                 log.warning("storage refresh failed: %s", type(exc).__name__)
 

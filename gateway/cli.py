@@ -343,8 +343,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     except BadTask as exc:
         raise CliError(str(exc)) from None
 
+    asyncio.run(_prepare_registry(settings))
+
     async def run() -> list[int]:
-        registry = open_registry(settings.registry.url)
+        registry = open_registry(settings.registry.url, create=False)
         try:
             if not settings.storages_of(args.project) and all(
                 row["project"] != args.project for row in await registry.list_storages()
@@ -449,23 +451,31 @@ def _compact_before_fork() -> None:
 
 
 async def _prepare_registry(settings: Settings) -> None:
-    from sqlalchemy.engine import make_url
+    """Before a process serves, works or imports: refuse a registry that was lost (see
+    gateway/registry/marker.py), create or migrate it, and mark it as created."""
+    from .registry import RegistryUnavailable, marker, open_registry
+    from .registry.sql import describe, sqlite_file
 
-    from .registry import open_registry
-
-    url = make_url(settings.registry.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folder = Path(url.database).resolve().parent
-        if not folder.is_dir():  # said before the driver fails (aiosqlite's thread then races the loop's end)
-            raise ConfigError(f"[registry].url: cannot open the registry: directory {folder} does not exist")
+    database = sqlite_file(settings.registry.url)
+    if database is not None:
+        if not database.parent.is_dir():  # said before the driver fails (aiosqlite's thread then races the loop's end)
+            raise ConfigError(f"[registry].url: cannot open the registry: directory {database.parent} does not exist")
+        try:
+            marker.check_not_lost(database)
+        except marker.RegistryLost as exc:
+            raise ConfigError(f"[registry].url: {exc}") from None
     registry = open_registry(settings.registry.url)
     try:
         await registry.ping()
     except Exception as exc:  # any driver error: one line naming the setting
-        first_line = re.sub(r"://[^@/\s]*@", "://***@", (str(exc).splitlines() or [""])[0][:200])  # no passwords
-        raise ConfigError(f"[registry].url: cannot open the registry ({type(exc).__name__}: {first_line})") from None
+        reason = str(exc) if isinstance(exc, RegistryUnavailable) else describe(exc)
+        raise ConfigError(f"[registry].url: cannot open the registry ({reason})") from None
     finally:
         await registry.close()
+    try:
+        marker.mark(database)
+    except OSError as exc:
+        raise ConfigError(f"[registry].url: cannot leave the marker beside the registry ({exc.strerror})") from None
 
 
 def run_worker(settings: Settings, index: int = 0) -> None:
@@ -477,6 +487,7 @@ def run_worker(settings: Settings, index: int = 0) -> None:
 
     from .app import create_app
     from .fastlane import serve
+    from .registry import open_registry
     from .state import FRONT
 
     try:
@@ -488,7 +499,8 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     asyncio.set_event_loop(loop)
     server = settings.server
     log = logging.getLogger("gateway")
-    app = create_app(settings, workers=index == 0)
+    # Opened, not created: the start-up (_prepare_registry) decided that the registry exists.
+    app = create_app(settings, open_registry(settings.registry.url, create=False), workers=index == 0)
     main = loop.create_task(
         serve(
             app,

@@ -21,6 +21,7 @@ system user and initdb/postgres are exec'd with that uid and gid directly (subpr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import re
@@ -164,6 +165,20 @@ def _ready(data_dir: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    with _cluster() as (server, _restart):
+        yield server
+
+
+@pytest.fixture
+def restartable_postgres() -> Iterator[tuple[PostgresServer, Callable[[], None]]]:
+    """A cluster of this test's own, which it may stop (`_stop(server.process)`, a fast shutdown)
+    and start again on the same port with the second item."""
+    with _cluster() as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _cluster() -> Iterator[tuple[PostgresServer, Callable[[], None]]]:
     binaries = find_binaries()
     if binaries is None:
         _missing("PostgreSQL server binaries (initdb, postgres) not found on PATH or in /usr/lib/postgresql/*/bin")
@@ -209,19 +224,29 @@ def postgres_server() -> Iterator[PostgresServer]:
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise
+
+    def restart() -> None:
+        server.process = _start(binaries, base, data_dir, log, env, run_as, server.port).process
+
     try:
-        yield server
+        yield server, restart
     finally:
         _stop(server.process)
         shutil.rmtree(base, ignore_errors=True)
 
 
 def _start(
-    binaries: PostgresBinaries, base: Path, data_dir: Path, log: Path, env: dict[str, str], run_as: dict[str, Any]
+    binaries: PostgresBinaries,
+    base: Path,
+    data_dir: Path,
+    log: Path,
+    env: dict[str, str],
+    run_as: dict[str, Any],
+    port: int | None = None,
 ) -> PostgresServer:
-    """Start postgres on a free port; retry with another port if one was taken meanwhile."""
+    """Start postgres on `port` or a free one; retry with another free port if one was taken meanwhile."""
     for attempt in range(3):
-        port = free_port()
+        port = port or free_port()
         log_start = log.stat().st_size if log.exists() else 0
         with log.open("ab") as log_file:
             process = subprocess.Popen(
@@ -262,6 +287,7 @@ def _start(
             wait_until(up, timeout=START_TIMEOUT, what="postgres to accept connections")
         except RuntimeError:
             if attempt < 2 and b"could not bind" in log.read_bytes()[log_start:]:
+                port = None
                 continue
             raise
         except BaseException:

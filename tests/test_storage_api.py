@@ -689,6 +689,9 @@ async def test_sync_then_list_resolve_and_serve(world, registry_url):
     single = await api.call("GET", f"/api/tasks/{task['id']}?resolve=true", 200)
     assert single["data"] == {"$undefined$": expected}
     assert (await api.call("GET", f"/api/tasks/{task['id']}", 200))["data"] == {"$undefined$": uri}
+    assert (await api.call("GET", f"/api/tasks/{task['id']}?resolve=no", 200))["data"] == {"$undefined$": uri}
+    for value in ("maybe", "TRUE"):  # only the documented values: not a guess (found by tests/test_api_fuzz.py)
+        assert (await api.call("GET", f"/api/tasks/{task['id']}?resolve={value}", 400))["error"] == "bad_parameter"
 
     # The rewritten URL serves the object to a token for that task, and only to it.
     token = {"Authorization": f"Bearer {make_token(tasks=[task['id']])}"}
@@ -823,11 +826,12 @@ async def test_input_the_database_cannot_store_is_a_400(world, registry_url):
         assert (await api.call("POST", STORAGES, 400, body.replace("[", "").replace("]", "")))["error"] == "bad_json"
     answer = await api.call("POST", STORAGES, 400, '{"project": "8", "bucket": "b-b-b", "presign_ttl": NaN}')
     assert answer["error"] == "bad_json"
+    # A \ud800 escape names no character: refused with the body (gateway/strictjson.py), whatever the field.
     for field in ("title", "description", "prefix", "project"):
         answer = await api.call("POST", STORAGES, 400, {"project": API_PROJECT, "bucket": api.bucket, field: "x\ud800"})
-        assert set(answer["validation_errors"]) == {field}, answer
+        assert answer["error"] == "bad_json" and "lone surrogate" in answer["message"], answer
     answer = await api.create(400, google_application_credentials='{"type": "service_account\ud800"}')
-    assert set(answer["validation_errors"]) == {"google_application_credentials"}
+    assert answer["error"] == "bad_json" and "lone surrogate" in answer["message"], answer
     tasks = f"/api/projects/{API_PROJECT}/tasks"
     for query in ("key=a%00b", "storage=1%00"):
         assert (await api.call("GET", f"{tasks}?{query}", 400))["error"] == "bad_parameter"

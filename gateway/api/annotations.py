@@ -12,10 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import metrics, strictjson
+from .. import metrics
 from ..errors import Refused
 from ..state import EXPORT_WORKER, RECORDER, REGISTRY, SETTINGS
 from .auth import require_admin
+from .body import ANNOTATION_BYTES, json_body, parse_json, read_body
 
 CREATE_OR_UPDATE = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
 DELETE = "ANNOTATIONS_DELETED"
@@ -28,20 +29,24 @@ def add_annotation_routes(app: web.Application) -> None:
     app.router.add_delete(path, delete_annotation, name="api_annotation_delete")
 
 
-def _authentic(request: web.Request, body: bytes) -> bool:
+async def _authentic_body(request: web.Request) -> bytes:
+    """The body of an authentic webhook (else 401). The shared secret is checked before the body
+    is read; an HMAC signature can only be checked after (the body is still bounded in size)."""
     hooks = request.app[SETTINGS].webhooks
     if not (hooks.secret or hooks.hmac_secret):
         raise Refused(503, "webhooks_disabled", "set [webhooks] secret or hmac_secret to accept webhooks")
     if hooks.secret:
         sent = request.headers.get(hooks.header, "")
         if sent and hmac.compare_digest(sent.encode(), hooks.secret.encode()):
-            return True
+            return await read_body(request, ANNOTATION_BYTES)
     if hooks.hmac_secret:
         sent = request.headers.get(hooks.signature_header, "").removeprefix("sha256=")
-        expected = hmac.new(hooks.hmac_secret.encode(), body, hashlib.sha256).hexdigest()
-        if sent and hmac.compare_digest(sent.lower().encode(), expected.encode()):
-            return True
-    return False
+        if sent:
+            body = await read_body(request, ANNOTATION_BYTES)
+            expected = hmac.new(hooks.hmac_secret.encode(), body, hashlib.sha256).hexdigest()
+            if hmac.compare_digest(sent.lower().encode(), expected.encode()):
+                return body
+    raise Refused(401, "bad_webhook_secret", "the webhook secret or signature is missing or wrong")
 
 
 def _project(request: web.Request, payload: dict[str, Any]) -> str:
@@ -76,13 +81,7 @@ async def _record(request: web.Request, project: str, events: list[tuple[int, in
 
 
 async def label_studio_webhook(request: web.Request) -> web.Response:
-    body = await request.read()
-    if not _authentic(request, body):
-        raise Refused(401, "bad_webhook_secret", "the webhook secret or signature is missing or wrong")
-    try:
-        payload = strictjson.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise Refused(400, "bad_json", "the body is not valid JSON") from None
+    payload = await parse_json(await _authentic_body(request))
     if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
         raise Refused(400, "bad_payload", "action: expected a Label Studio webhook payload with an action")
     action = payload["action"]
@@ -135,10 +134,7 @@ async def _recorded(
 
 async def put_annotation(request: web.Request) -> web.Response:
     task_id, annotation_id, task = await _annotated_task(request)
-    try:
-        annotation = strictjson.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise Refused(400, "bad_json", "the body is not valid JSON") from None
+    annotation = await json_body(request, ANNOTATION_BYTES)
     if not isinstance(annotation, dict):
         raise Refused(400, "bad_payload", "the body must be an annotation object")
     exported_task = {k: v for k, v in task.items() if k not in ("storage",)}

@@ -26,6 +26,7 @@ from ..storage.base import UpstreamDenied
 from ..storage.credentials import CredentialsError, check_destinations
 from ..sync.engine import preview
 from .auth import require_admin
+from .body import SETTINGS_BYTES, parse_json, read_body
 
 SECRET = "google_application_credentials"
 MAX_ALLOWLIST = 1000
@@ -301,13 +302,10 @@ async def _api_storage(request: web.Request) -> StorageSettings:
 
 
 async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request, SETTINGS_BYTES)
     if not raw.strip() and allow_empty:
         return {}
-    try:
-        body = strictjson.loads(raw)
-    except ValueError:
-        raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
+    body = await parse_json(raw)
     if not isinstance(body, dict):
         raise Refused(400, "bad_json", "the body must be a JSON object")
     return body
@@ -351,8 +349,6 @@ async def _checked(
             errors[name] = f"at most {limit} characters"
         elif "\x00" in value:  # PostgreSQL cannot store NUL in text
             errors[name] = "must not contain NUL characters"
-        elif not _encodable(value):
-            errors[name] = "not valid Unicode (a lone surrogate)"
         else:
             values[name] = value
 
@@ -436,14 +432,11 @@ async def _check_credentials(
         else:
             errors[SECRET] = "expected the JSON key file's content as a string"
             return
-    if not _encodable(value):
-        errors[SECRET] = "not valid Unicode (a lone surrogate)"
-        return
     if not value.lstrip().startswith("{"):
         errors[SECRET] = "expected the content of a JSON credentials file (paths are accepted only in the config file)"
         return
     try:
-        kind = json.loads(value).get("type")
+        kind = strictjson.loads(value.encode()).get("type")  # bounded: the field is JSON inside JSON
     except (ValueError, AttributeError):
         kind = None
     if kind not in API_CREDENTIAL_TYPES:
@@ -478,15 +471,6 @@ async def _check_credentials(
     values["_plain_credentials"] = value  # for a connection test; never stored
 
 
-def _encodable(value: str) -> bool:
-    """Whether `value` is UTF-8 encodable (JSON's \\ud800 escapes decode to lone surrogates)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 _CREDENTIAL_TYPES = frozenset(
     {
         "service_account",
@@ -504,7 +488,7 @@ def _credentials_problem(exc: CredentialsError, value: str | None) -> str:
     unknown `type`, for one): then a generic reason. The credentials are never echoed."""
     message = str(exc)
     try:
-        info = json.loads(value) if value else None
+        info = strictjson.loads(value.encode()) if value else None
     except ValueError:
         info = None
     if any(len(s) >= 4 and s not in _CREDENTIAL_TYPES and s in message for s in _strings(info)):

@@ -6,12 +6,10 @@ as Label Studio's API answers, so a front end can use the data as it is.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
 
-from .. import strictjson
 from ..errors import Refused
 from ..media.explain import explain
 from ..netguard import parse_node
@@ -19,6 +17,7 @@ from ..registry import BadTask, normalize_task
 from ..state import CATALOG, GUARD, REGISTRY
 from ..uris import BadFileUri, encode_fileuri, parse_gs_uri, resolve_uris
 from .auth import require_admin
+from .body import TASK_IMPORT_BYTES, json_body
 
 MAX_PAGE_SIZE = 1000
 MAX_PAGE = 999_999_999
@@ -30,12 +29,7 @@ async def import_tasks(request: web.Request) -> web.Response:
     await request.app[CATALOG].refresh()  # a storage created through another replica counts at once
     if not request.app[CATALOG].storages_of(project):
         raise Refused(404, "unknown_project", f"project {project} has no storage")
-    body = await request.read()
-    try:
-        # Large imports are parsed off the event loop so streams on this worker keep flowing.
-        payload = strictjson.loads(body) if len(body) < 1024**2 else await asyncio.to_thread(strictjson.loads, body)
-    except ValueError:
-        raise Refused(400, "bad_json", "the body is not valid JSON (NaN and Infinity are not JSON)") from None
+    payload = await json_body(request, TASK_IMPORT_BYTES)
     items = payload if isinstance(payload, list) else [payload]
     try:
         tasks = [normalize_task(item, position) for position, item in enumerate(items, start=1)]
@@ -121,8 +115,17 @@ def _resolved(task: dict[str, Any]) -> dict[str, Any]:
     return {**task, "data": resolve_uris(task["data"], lambda uri: prefix + encode_fileuri(uri))}
 
 
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    """A documented boolean value, or absent (false); anything else is a 400 rather than a guess."""
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value not in _FLAGS:
+        raise Refused(400, "bad_parameter", f"{name}: expected true or false")
+    return _FLAGS[value]
 
 
 def _positive(request: web.Request, name: str, default: int) -> int:

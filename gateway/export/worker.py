@@ -63,8 +63,8 @@ class ExportWorker:
                 if time.monotonic() >= self._next_report:  # an aggregate over the outbox: not per batch
                     await self._report()
                     self._next_report = time.monotonic() + REPORT_EVERY
-            except RegistryUnavailable as exc:
-                log.warning("export worker: registry unavailable (%s); retrying", exc)
+            except RegistryUnavailable as exc:  # the registry logs the outage once
+                log.debug("export worker: registry unavailable (%s); retrying", exc)
                 done = 0
             except Exception:
                 log.exception("export worker: unexpected error; retrying")

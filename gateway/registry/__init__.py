@@ -67,7 +67,7 @@ def normalize_task(task: Any, position: int) -> dict[str, Any]:
     return {"data": task}
 
 
-def open_registry(url: str) -> SqlTaskRegistry:
+def open_registry(url: str, *, create: bool = True) -> SqlTaskRegistry:
     from .sql import SqlTaskRegistry
 
-    return SqlTaskRegistry(url)
+    return SqlTaskRegistry(url, create=create)

@@ -6,12 +6,17 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
+import os
+import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import JSON, and_, delete, event, func, insert, or_, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -38,8 +43,10 @@ from .schema import (
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 MAX_JOB_ERRORS = 20  # first error messages kept on a job; the counter keeps counting
+MAX_TASK_ID = 2**31 - 1  # tasks.id is a 32-bit INTEGER on PostgreSQL: a larger id names no task
 KEYS_PER_STATEMENT = 1000  # SQLite and asyncpg refuse statements with more than 32766 parameters
 _STORAGE_TABLES = {"source": storages_table, "export": export_storages_table}
+log = logging.getLogger("gateway.registry")
 
 
 P = ParamSpec("P")
@@ -83,18 +90,50 @@ def async_url(url: str) -> str:
     return str(parsed.set(drivername=driver)) if driver else url
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite registry URL (absolute), None for other databases and :memory:."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
+
+
+def describe(exc: BaseException) -> str:
+    """A database error in one line, for logs and start-up errors: never a password of a URL."""
+    first_line = re.sub(r"://[^@/\s]*@", "://***@", (str(exc).splitlines() or [""])[0][:200])
+    return f"{type(exc).__name__}: {first_line}"
+
+
 def empty_counters() -> dict[str, int]:
     return dict.fromkeys(("listed", "created", "updated", "removed", "skipped", "errors"), 0)
 
 
 class SqlTaskRegistry:
-    def __init__(self, url: str) -> None:
+    """The registry on one database. `create=False` (processes started after the start-up check
+    of gateway/registry/marker.py) never creates a SQLite file that is missing.
+
+    Acknowledged means durable where a restart will look: on SQLite every write checks, before and
+    after its commit, that the path still names the file this process opened and that it may be
+    written — a removed or replaced file keeps taking writes through open connections, and an
+    open file made read-only too, until the restart that loses them. A write that fails so, or
+    any database failure, raises RegistryUnavailable (answered 503); `problem` says why until a
+    write or a ping succeeds again, and the change is logged once each way.
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
         postgres = url.startswith("postgresql")
         # asyncpg prepares statements; after five runs PostgreSQL may switch one to a generic plan
         # made while the tables were small, which scans a storage's rows for each key list of a
         # sync page (100k objects: 74 s instead of ~25 s). Custom plans cost little here.
         options = {"server_settings": {"plan_cache_mode": "force_custom_plan"}} if postgres else {}
-        self._engine: AsyncEngine = create_async_engine(async_url(url), pool_pre_ping=postgres, connect_args=options)
+        self.file = sqlite_file(url)
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
+        self.problem: str | None = None
+        target: str | URL = async_url(url)
+        if self.file is not None and not create:
+            database = f"file:{urllib.parse.quote(str(self.file))}"
+            target = URL.create("sqlite+aiosqlite", database=database, query={"mode": "rw", "uri": "true"})
+        self._engine: AsyncEngine = create_async_engine(target, pool_pre_ping=postgres, connect_args=options)
         self.dialect = self._engine.dialect.name
         if self.dialect == "sqlite":
             event.listen(self._engine.sync_engine, "connect", _sqlite_pragmas)
@@ -109,21 +148,71 @@ class SqlTaskRegistry:
             return
         async with self._schema_lock:
             if not self._ready:
-                async with _unavailable(), self._engine.begin() as conn:
+                async with self._available(), self._engine.begin() as conn:
                     await conn.run_sync(upgrade)
+                    if self.file is not None:
+                        stat = os.stat(self.file)
+                        self._file_id = (stat.st_dev, stat.st_ino)
                 self._ready = True
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         await self._ensure_schema()
-        async with self._write_turn, _unavailable(), self._engine.begin() as conn:
+        async with self._write_turn, self._available(durable=True), self._engine.begin() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
         await self._ensure_schema()
-        async with _unavailable(), self._engine.connect() as conn:
+        async with self._available(), self._engine.connect() as conn:
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def _available(self, durable: bool = False) -> AsyncIterator[None]:
+        """Database failures as RegistryUnavailable; with `durable` (writes and pings), the file
+        is checked before and after (see the class), and success clears `problem`."""
+        try:
+            if durable:
+                self._check_file()
+            yield
+            if durable:
+                self._check_file()
+        except (IntegrityError, ProgrammingError, DataError):
+            raise  # the statement's fault, not the database's availability
+        except RegistryUnavailable as exc:
+            self._went_down(str(exc))
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+                raise  # parameters that could not be sent (e.g. data too deep to serialise)
+            self._went_down(describe(exc))
+            raise RegistryUnavailable(describe(exc)) from exc
+        if durable and self.problem is not None:
+            log.warning("registry available again (it was: %s)", self.problem)
+            self.problem = None
+
+    def _check_file(self) -> None:
+        if self.file is None or self._file_id is None:
+            return
+        try:
+            stat = os.stat(self.file)
+        except FileNotFoundError:
+            raise RegistryUnavailable(f"the registry file {self.file} was removed") from None
+        except OSError as exc:
+            raise RegistryUnavailable(f"the registry file {self.file} cannot be examined ({exc.strerror})") from None
+        if (stat.st_dev, stat.st_ino) != self._file_id:
+            raise RegistryUnavailable(f"the registry file {self.file} was replaced by another file")
+        if not os.access(self.file, os.W_OK):
+            raise RegistryUnavailable(f"the registry file {self.file} is read-only")
+
+    def _went_down(self, reason: str) -> None:
+        if self.problem is None:  # once per outage: requests and workers fail quietly meanwhile
+            log.error(
+                "registry unavailable: %s. Writes (webhooks, imports, settings) answer 503 and /readyz "
+                "fails until it is back; nothing is acknowledged meanwhile.",
+                reason,
+            )
+            self.problem = reason
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -134,6 +223,8 @@ class SqlTaskRegistry:
             return await _insert_tasks(conn, [{"project": project, "task": task} for task in tasks])
 
     async def task_access(self, task_id: int) -> TaskAccess | None:
+        if not 0 < task_id <= MAX_TASK_ID:  # else PostgreSQL's driver refuses the parameter
+            return None
         async with self._connect() as conn:
             row = (
                 await conn.execute(
@@ -148,6 +239,8 @@ class SqlTaskRegistry:
             return TaskAccess(task_id, row.project, frozenset(uris), row.storage_id)
 
     async def get_task(self, task_id: int) -> dict[str, Any] | None:
+        if not 0 < task_id <= MAX_TASK_ID:
+            return None
         async with self._connect() as conn:
             row = (await conn.execute(_task_select().where(tasks_table.c.id == task_id))).one_or_none()
         return None if row is None else _task_dict(row)
@@ -175,8 +268,10 @@ class SqlTaskRegistry:
             return total, [_task_dict(row) for row in rows]
 
     async def ping(self) -> None:
-        """Reachable, with the schema in place (migrated on first use)."""
-        async with self._connect() as conn:
+        """Reachable and writable where a restart will look, with the schema in place (migrated on
+        first use)."""
+        await self._ensure_schema()
+        async with self._available(durable=True), self._engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def close(self) -> None:
@@ -745,18 +840,6 @@ def _task_dict(row: Any) -> dict[str, Any]:
         task["storage_filename"] = row.object_key  # Label Studio's name for the source object
         task["storage"] = {"id": row.storage_id, "key": row.object_key, "row": row.row}
     return task
-
-
-@contextlib.asynccontextmanager
-async def _unavailable() -> AsyncIterator[None]:
-    try:
-        yield
-    except (IntegrityError, ProgrammingError, DataError):
-        raise  # the statement's fault, not the database's availability
-    except (SQLAlchemyError, OSError) as exc:
-        if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
-            raise  # parameters that could not be sent (e.g. data too deep to serialise)
-        raise RegistryUnavailable(type(exc).__name__) from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -25,7 +25,7 @@ _SHOWN_ERRORS = 10
 
 @contextlib.asynccontextmanager
 async def opened_catalog(settings: Settings) -> AsyncIterator[StorageCatalog]:
-    registry = open_registry(settings.registry.url)
+    registry = open_registry(settings.registry.url, create=False)  # after the start-up's check (gateway/cli.py)
     session = client_session(settings)
     catalog = StorageCatalog(settings, registry, Vault(settings.registry.encryption_keys))
     try:

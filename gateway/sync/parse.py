@@ -13,7 +13,6 @@ import datetime
 import decimal
 import math
 import os
-import re
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from .cpu import Remote
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 PARQUET_BATCH_ROWS = 1000
 MAX_PARQUET_BYTES = 2 * 1024**3  # default of [sync] max_parquet_bytes: the disk a Parquet file may take
-BOM = b"\xef\xbb\xbf"
 
 
 class FileError(Exception):
@@ -77,9 +75,6 @@ def _task(row: int, item: Any) -> tuple[int, dict[str, Any] | RowError]:
 
 # -- JSON --------------------------------------------------------------------------------------
 
-MAX_DEPTH = 100  # task data nested deeper is refused (a row or file error), never parsed
-_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
-
 
 class _JsonItems:
     """A JSON list of tasks (or one task) pushed in chunk by chunk (ijson's push interface):
@@ -90,10 +85,15 @@ class _JsonItems:
         self._items = ijson.sendable_list()
         self._parser = ijson.items_coro(self._items, "item" if listed else "", use_float=True)
         self._row = -1
-        self._depth, self._in_string, self._escaped = 0, False, False
+        # Nesting is bounded before ijson sees a chunk: its C backend's memory grows with the
+        # square of the depth (a 40 KB file 20,000 levels deep takes 1 GB).
+        self._depth = strictjson.DepthGuard()
 
     def feed(self, data: bytes) -> list[tuple[int, dict[str, Any] | RowError]]:
-        self._guard_depth(data)
+        try:
+            self._depth.feed(data)
+        except strictjson.BadJson as exc:
+            raise FileError(f"JSON {exc}") from None
         try:
             self._parser.send(data)
         except ijson.JSONError as exc:
@@ -119,36 +119,15 @@ class _JsonItems:
         where = f"after item {self._row + 1}" if self._listed else "in the task"
         return FileError(f"malformed JSON {where}: {str(exc).splitlines()[0]}")
 
-    def _guard_depth(self, data: bytes) -> None:
-        """Refuse nesting deeper than MAX_DEPTH before ijson sees it: its C backend's memory
-        grows with the square of the depth (a 40 KB file 20,000 levels deep takes 1 GB)."""
-        for match in _STRUCTURE.finditer(data):
-            char = match.group()
-            if self._escaped:
-                self._escaped = False
-            elif self._in_string:
-                if char == b"\\":
-                    self._escaped = True
-                elif char == b'"':
-                    self._in_string = False
-            elif char == b'"':
-                self._in_string = True
-            elif char in b"[{":
-                self._depth += 1
-                if self._depth > MAX_DEPTH:
-                    raise FileError(f"JSON nested deeper than {MAX_DEPTH} levels")
-            elif char in b"]}":
-                self._depth -= 1
-
 
 async def _json_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[int, Any]]]:
     """A JSON list of tasks (or one task), parsed item by item: memory stays bounded."""
     first = b""
     async for chunk in chunks:
         first += chunk
-        if len(first) >= len(BOM) and first.removeprefix(BOM).strip():
+        if len(first) >= len(strictjson.BOM) and first.removeprefix(strictjson.BOM).strip():
             break
-    first = first.removeprefix(BOM)  # as some editors save UTF-8
+    first = first.removeprefix(strictjson.BOM)  # as some editors save UTF-8
     head = first.lstrip()[:1]
     if not head:
         return  # an empty file holds no tasks
@@ -205,12 +184,8 @@ async def _jsonl_rows(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[tuple[
 def _json_line(line: bytes) -> Any:
     try:
         return strictjson.loads(line)
-    except UnicodeDecodeError:
-        return RowError("not valid JSON (not UTF-8 text)")
-    except RecursionError:
-        return RowError("nested too deeply")
-    except ValueError as exc:  # JSONDecodeError among them
-        return RowError(f"not valid JSON ({exc.args[0].split(':')[0]})")
+    except strictjson.BadJson as exc:
+        return RowError(f"not valid JSON ({str(exc).split(':')[0]})")
 
 
 # -- Parquet -----------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ class SyncWorker:
         while True:
             try:
                 await self.tick()
-            except RegistryUnavailable as exc:
-                log.warning("sync worker: registry unavailable (%s); retrying", exc)
+            except RegistryUnavailable as exc:  # the registry logs the outage once
+                log.debug("sync worker: registry unavailable (%s); retrying", exc)
             except Exception:
                 log.exception("sync worker: unexpected error; retrying")
             with contextlib.suppress(TimeoutError):

@@ -16,6 +16,7 @@ from aiohttp import web
 from .. import strictjson
 from ..acl import Claims
 from ..api.auth import SESSION_COOKIE, check_csrf, check_same_origin, csrf_token
+from ..api.body import SIGN_IN_BYTES, read_body
 from ..errors import Refused, forbidden, unauthorized
 from ..state import SUB, VERIFIER
 
@@ -29,8 +30,8 @@ def session_routes(app: web.Application) -> None:
 async def sign_in(request: web.Request) -> web.Response:
     check_same_origin(request)  # no login CSRF: another site cannot sign a browser in
     try:
-        body = strictjson.loads(await request.read())
-    except ValueError:
+        body = strictjson.loads(await read_body(request, SIGN_IN_BYTES))
+    except strictjson.BadJson:
         body = None
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str) or not token.strip():
