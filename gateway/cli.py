@@ -102,9 +102,12 @@ def _parser() -> argparse.ArgumentParser:
         "--vpc-network",
         dest="vpc",
         action=_Ordered,
+        metavar="NETWORK",
         help="projects/P/global/networks/N (repeatable; each followed by its --vpc-cidr ranges)",
     )
-    ip_filter.add_argument("--vpc-cidr", dest="vpc", action=_Ordered, help="a range of the preceding --vpc-network")
+    ip_filter.add_argument(
+        "--vpc-cidr", dest="vpc", action=_Ordered, metavar="CIDR", help="a range of the preceding --vpc-network"
+    )
     ip_filter.add_argument("--mode", choices=("Enabled", "Disabled"), default="Enabled")
     ip_filter.add_argument(
         "--allow-service-agents", action="store_true", help="allowAllServiceAgentAccess: true (default false)"
@@ -225,11 +228,19 @@ def cmd_cors_config(args: argparse.Namespace) -> int:
     origins = args.origin
     if not origins:
         origins = list(_settings(args).cors.origins) if args.config else []
-    if not origins or "*" in origins:
-        raise CliError("--origin: name the annotator page origins (e.g. https://label-studio.example), not '*'")
+    if not origins:
+        raise CliError("--origin: name the annotator page origins (e.g. https://label-studio.example), or '*'")
+    if "*" in origins:
+        origins = ["*"]
+        print(
+            "gateway: warning: --origin '*' lets a page on any web site read this bucket's objects through a"
+            " signed URL it holds (no cookies travel: GCS answers '*' without credentials); name the"
+            " annotator origins instead where you can",
+            file=sys.stderr,
+        )
     for origin in origins:
         # "null": what a fetch that followed a cross-origin redirect presents (see README).
-        if origin != "null" and not re.fullmatch(r"https?://[^/\s]+", origin):
+        if origin not in ("null", "*") and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise CliError(f"--origin: {origin!r} is not an origin like https://host[:port]")
     print(json.dumps(bucket_cors(origins), indent=2))
     return 0
@@ -244,7 +255,28 @@ class _Ordered(argparse.Action):
 
 IP_FILTER_MAX_CIDRS = 200  # across the public source and every VPC source
 IP_FILTER_MAX_NETWORKS = 25
-_VPC_NETWORK = re.compile(r"projects/[a-z][-a-z0-9.:]{4,61}[a-z0-9]/global/networks/[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_VPC_NETWORK = re.compile(r"projects/([^/]*)/global/networks/([^/]*)")
+_PROJECT_ID = re.compile(r"(?:[a-z][-a-z0-9.]{0,61}[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")  # [domain:]project
+_NETWORK_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _vpc_network_problem(value: str) -> str | None:
+    """Why `value` is not a VPC network name Google accepts, or None."""
+    match = _VPC_NETWORK.fullmatch(value)
+    if match is None:
+        return "is not like projects/PROJECT_ID/global/networks/NETWORK"
+    project, network = match.groups()
+    if not _PROJECT_ID.fullmatch(project):
+        return (
+            f"has project id {project!r}, which is not a Google Cloud project id (6-30 lowercase letters,"
+            " digits and hyphens, starting with a letter, not ending with a hyphen)"
+        )
+    if not _NETWORK_NAME.fullmatch(network):
+        return (
+            f"has network name {network!r}, which is not a VPC network name (1-63 lowercase letters, digits"
+            " and hyphens, starting with a letter, not ending with a hyphen)"
+        )
+    return None
 
 
 def _cidr(text: str, flag: str) -> str:
@@ -272,8 +304,9 @@ def bucket_ip_filter(
     networks: list[dict[str, Any]] = []
     for option, value in vpc:
         if option == "--vpc-network":
-            if not _VPC_NETWORK.fullmatch(value):
-                raise CliError(f"--vpc-network: {value!r} is not like projects/PROJECT_ID/global/networks/NETWORK")
+            problem = _vpc_network_problem(value)
+            if problem is not None:
+                raise CliError(f"--vpc-network: {value!r} {problem}")
             if any(n["network"] == value for n in networks):
                 raise CliError(f"--vpc-network: {value!r} is given twice")
             networks.append({"network": value, "allowedIpCidrRanges": []})

@@ -664,6 +664,8 @@ def test_ip_filter_config_limits(capsys):
         (["--vpc-network", NETWORK, "--vpc-cidr", "10.0.0.1/8"], "gateway: --vpc-cidr: '10.0.0.1/8' has host bits set"),
         (["--vpc-cidr", "10.0.0.0/8", "--vpc-network", NETWORK], "gateway: --vpc-cidr: '10.0.0.0/8' comes before"),
         (["--vpc-network", "default", "--vpc-cidr", "10.0.0.0/8"], "gateway: --vpc-network: 'default' is not like"),
+        (["--vpc-network", "projects/p/global/networks/n", "--vpc-cidr", "10.0.0.0/8"], "has project id 'p', which is"),
+        (["--vpc-network", "projects/my-project/global/networks/Net_1"], "has network name 'Net_1', which is not"),
         (["--vpc-network", NETWORK], "needs --vpc-cidr ranges"),
         (["--vpc-network", NETWORK, "--vpc-cidr", "10.0.0.0/8"] * 2, "is given twice"),
         ([], "an enabled filter without --cidr or --vpc-network would refuse every request"),
