@@ -135,6 +135,19 @@ async def test_demo_is_idempotent_and_its_printed_urls_work(tmp_path, aiohttp_cl
     response = await client.get(viewer.group(1), allow_redirects=False)
     assert response.status == 303 and response.cookies["gateway_token"].value == token
     assert (await client.get("/ui/")).status == 200
+    # The printed preview and listing commands work, and leave the demo's four tasks as they are.
+    commands = re.findall(
+        r"curl -s (-X POST )?-H 'Authorization: Bearer (\S+)' '?http://127.0.0.1:8080(\S+?)'?$", banner, re.M
+    )
+    assert [path.split("?")[0] for _, _, path in commands] == [
+        "/api/storages/gcs/demo-local/preview",
+        "/api/projects/demo/tasks",
+    ]
+    for post, admin, path in commands:
+        response = await client.request("POST" if post else "GET", path, headers={"Authorization": f"Bearer {admin}"})
+        assert response.status == 200, await response.text()
+        answer = await response.json()
+    assert answer["total"] == 4
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -86,8 +86,9 @@ def prepare_demo(state: Path, host: str, port: int) -> tuple[Settings, str]:
         f"    '{base}/tasks/{task_ids['clip.mp4']}/resolve/?fileuri="
         f"{encode_fileuri(SAMPLES['clip.mp4']['video'])}'",
         "",
-        "Import the bucket as tasks (one per object) with the sync worker, then list them:",
-        f"  curl -s -X POST -H 'Authorization: Bearer {admin}' {base}/api/storages/gcs/demo-local/sync",
+        "The tasks above came from a task file. Preview what a sync of the bucket would import instead",
+        "(one task per object; POST …/sync would add those tasks beside these), then list the tasks:",
+        f"  curl -s -X POST -H 'Authorization: Bearer {admin}' {base}/api/storages/gcs/demo-local/preview",
         f"  curl -s -H 'Authorization: Bearer {admin}' '{base}/api/projects/{PROJECT}/tasks?resolve=true'",
         "",
         f"Metrics: {base}/metrics   Health: {base}/healthz   Ready: {base}/readyz   API: {base}/api/openapi.json",
