@@ -558,12 +558,16 @@ async def test_malformed_lines_and_files_are_errors_the_rest_is_imported(gcs: Wo
         ("t/good.json", 0),
     ]
     # A broken file is read again (and reported again) at every sync, and writes nothing new;
-    # a file with bad lines was imported to its end: it is read again when it changes.
+    # a file with bad lines was imported to its end: it is read again when it changes, and until
+    # then every sync says it is still broken (never "completed" with 0 errors).
     before = await gcs.tasks()
     with counting_writes(gcs.registry) as writes:
         status, progress = await gcs.sync(storage)
-    assert status == "completed_with_errors" and progress.counters["errors"] == 3
-    assert sorted(progress.errors) == errors[4:]
+    assert status == "completed_with_errors" and progress.counters["errors"] == 4
+    assert sorted(progress.errors) == [
+        "t/bad.jsonl: unchanged since a sync found 4 bad row(s) in it; fix the file and sync again",
+        *errors[4:],
+    ]
     assert counters(progress, "created", "updated", "removed") == {"created": 0, "updated": 0, "removed": 0}
     assert await gcs.tasks() == before
     assert writes == []

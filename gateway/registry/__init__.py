@@ -27,11 +27,13 @@ class TaskAccess:
 
 @dataclass(frozen=True, slots=True)
 class ImportedObject:
-    """An object a sync imported: its generation then (None while unfinished), its task count."""
+    """An object a sync imported: its generation then (None while unfinished), its task count,
+    and for a task file the rows it could not import."""
 
     key: str
     generation: str | None
     task_count: int
+    row_errors: int = 0
 
 
 class TaskRegistry(Protocol):

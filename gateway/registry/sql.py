@@ -535,6 +535,7 @@ class SqlTaskRegistry:
                     storage_objects_table.c.object_key,
                     storage_objects_table.c.generation,
                     storage_objects_table.c.task_count,
+                    storage_objects_table.c.row_errors,
                 )
                 .where(*where)
                 .order_by(storage_objects_table.c.object_key)
@@ -710,9 +711,11 @@ class SqlTaskRegistry:
         return len(fresh), updated, len(gone)
 
     @_to_the_end
-    async def finish_object(self, storage_id: str, key: str, generation: str, row_count: int) -> int:
-        """A task file read to its end: rows beyond it are removed, the generation recorded.
-        Returns the number of tasks removed."""
+    async def finish_object(
+        self, storage_id: str, key: str, generation: str, row_count: int, row_errors: int = 0
+    ) -> int:
+        """A task file read to its end: rows beyond it are removed, the generation recorded with
+        the number of rows it could not import. Returns the number of tasks removed."""
         async with self._begin() as conn:
             result = await conn.execute(
                 delete(tasks_table).where(
@@ -721,7 +724,7 @@ class SqlTaskRegistry:
                     tasks_table.c.row >= row_count,
                 )
             )
-            values = {"generation": generation, "task_count": row_count}
+            values = {"generation": generation, "task_count": row_count, "row_errors": row_errors}
             found = await conn.execute(
                 update(storage_objects_table)
                 .where(storage_objects_table.c.storage_id == storage_id, storage_objects_table.c.object_key == key)

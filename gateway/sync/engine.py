@@ -130,6 +130,13 @@ class Sync:
                 break
             cursor = chunk[-1].key
         todo = [o for key, o in wanted.items() if key not in known or known[key].generation != self._stamp(o)]
+        for key in sorted(set(wanted) - {o.key for o in todo}):
+            if known[key].row_errors:  # unchanged, and still as broken as the last sync found it
+                self.progress.error(
+                    "row",
+                    f"{key}: unchanged since a sync found {known[key].row_errors} bad row(s) in it; "
+                    "fix the file and sync again",
+                )
         if storage.use_blob_urls:
             batch = self.settings.batch_size
             for start in range(0, len(todo), batch):
@@ -176,7 +183,7 @@ class Sync:
         storage, registry, progress = self.storage, self.registry, self.progress
         rows: list[tuple[int, dict[str, Any]]] = []
         bad: list[int] = []
-        count = 0
+        count = row_errors = 0
 
         async def flush() -> None:
             created, updated, removed = await registry.upsert_rows(storage.id, storage.project, obj.key, rows, bad)
@@ -213,6 +220,7 @@ class Sync:
                 count = row + 1
                 if isinstance(item, RowError):
                     bad.append(row)
+                    row_errors += 1
                     progress.error("row", f"{obj.key}: {_where(obj.key, row)}: {item.message}")
                 else:
                     rows.append((row, item))
@@ -220,7 +228,8 @@ class Sync:
                     await flush()
             if rows or bad:
                 await flush()
-            self._count("removed", await registry.finish_object(storage.id, obj.key, obj.generation, count))
+            removed = await registry.finish_object(storage.id, obj.key, obj.generation, count, row_errors)
+            self._count("removed", removed)
         except FileError as exc:
             await flush_read_so_far()
             progress.error("file", f"{obj.key}: {exc}")
