@@ -4,7 +4,7 @@ VENV ?= .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint serve clean chromium postgresql nginx label-studio
+.PHONY: demo test lint serve clean chromium postgresql nginx label-studio prometheus dashboard
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gateway demo --port $(PORT)
 
-test: $(STAMP) lint chromium postgresql nginx label-studio
+test: $(STAMP) lint chromium postgresql nginx label-studio prometheus
 	LABEL_STUDIO_VENV=$(LS_VENV) $(VENV)/bin/pytest -q
 
 # Browser tests use Debian's chromium; installed when absent and we are root (CI). Without it
@@ -47,6 +47,16 @@ nginx:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
+# tests/test_operations.py runs Debian's Prometheus (and promtool) against `gateway serve`;
+# installed when absent and we are root. Without it those tests skip locally, fail under CI=true.
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# The Grafana dashboard is code (deploy/grafana/dashboard.py); the JSON is its committed output.
+dashboard: $(STAMP)
+	$(VENV)/bin/python deploy/grafana/dashboard.py > deploy/grafana/gateway-dashboard.json
+
 label-studio: $(LS_VENV)/.installed
 
 $(LS_VENV)/.installed:
@@ -56,8 +66,8 @@ $(LS_VENV)/.installed:
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway tests bench
-	$(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/ruff check gateway tests bench deploy
+	$(VENV)/bin/ruff format --check gateway tests bench deploy
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
