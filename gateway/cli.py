@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(command=cmd_serve)
 
     worker = with_config(sub.add_parser("worker", help="run the import sync and export workers alone (no HTTP)"))
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve /metrics (sync and export figures) on [server] host and this port"
+    )
     worker.set_defaults(command=cmd_worker)
 
     sync = with_config(sub.add_parser("sync", help="sync source storages now, in the foreground"))
@@ -356,7 +359,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging()
     asyncio.run(_prepare_registry(settings))
-    return asyncio.run(worker_command(settings))
+    return asyncio.run(worker_command(settings, metrics_port=args.metrics_port))
 
 
 # ---------------------------------------------------------------- serve

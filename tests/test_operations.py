@@ -260,7 +260,7 @@ root = {q(str(directory / "exported"))}
 """
 
 
-def prometheus_config(directory: Path, gateway_port: int) -> Path:
+def prometheus_config(directory: Path, targets: list[int]) -> Path:
     config = directory / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -268,7 +268,7 @@ def prometheus_config(directory: Path, gateway_port: int) -> Path:
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(RULES)],
                 "scrape_configs": [
-                    {"job_name": "gateway", "static_configs": [{"targets": [f"127.0.0.1:{gateway_port}"]}]}
+                    {"job_name": "gateway", "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in targets]}]}
                 ],
             }
         )
@@ -402,31 +402,29 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         assert imported.returncode == 0, imported.stderr
 
         log = directory / "gateway.log"
+        worker_port = free_port()
+        commands = [  # the shape of deploy/kubernetes/overlays/postgresql: servers and a worker
+            [*gateway_cli, "serve", "--config", str(config), "--workers", "2"],
+            [*gateway_cli, "worker", "--config", str(config), "--metrics-port", str(worker_port)],
+            [
+                prometheus,
+                f"--config.file={prometheus_config(directory, [port, worker_port])}",
+                f"--storage.tsdb.path={directory / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prometheus_port}",
+            ],
+        ]
         with open(log, "wb") as out:
-            processes.append(
-                subprocess.Popen(
-                    [*gateway_cli, "serve", "--config", str(config), "--workers", "2"],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
+            for command in commands:
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
                 )
-            )
-            processes.append(
-                subprocess.Popen(
-                    [
-                        prometheus,
-                        f"--config.file={prometheus_config(directory, port)}",
-                        f"--storage.tsdb.path={directory / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
         gateway = f"http://127.0.0.1:{port}"
         world = Live(f"http://127.0.0.1:{prometheus_port}", gateway, log)
 
@@ -437,7 +435,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             return False
 
         wait_until(lambda: up(f"{gateway}/healthz", processes[1]), timeout=60, what="the gateway")
-        wait_until(lambda: up(f"{world.prometheus}/-/ready", processes[2]), timeout=60, what="Prometheus")
+        wait_until(lambda: up(f"http://127.0.0.1:{worker_port}/metrics", processes[2]), timeout=60, what="worker")
+        wait_until(lambda: up(f"{world.prometheus}/-/ready", processes[3]), timeout=60, what="Prometheus")
+        wait_until(lambda: len(world.query("up == 1")) == 2, timeout=30, what="both targets scraped")
         generate_traffic(port, directory, emulator, world)
         yield world
     finally:
