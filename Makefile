@@ -68,6 +68,7 @@ $(LS_VENV)/.installed:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench deploy
 	$(VENV)/bin/ruff format --check gateway tests bench deploy
+	$(VENV)/bin/python deploy/kubernetes/check.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
