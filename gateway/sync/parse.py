@@ -171,8 +171,14 @@ def _json_line(line: bytes, row: int) -> Any:
 async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[tuple[int, Any]]:
     """Parquet needs random access: the file is spooled to a temporary file, then read one
     batch of rows at a time (columns become data fields; a `data` struct column is the data)."""
-    import pyarrow.lib
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.lib
+        import pyarrow.parquet as pq
+    except ImportError:  # an optional dependency (154 MB of the container image): the `parquet` extra
+        raise FileError(
+            "a Parquet task file needs pyarrow, which this installation lacks (pip install "
+            "'gcs-media-gateway[parquet]', or the image built with --build-arg LOCK=requirements-parquet.lock)"
+        ) from None
 
     handle = tempfile.NamedTemporaryFile(prefix="gateway-sync-", suffix=".parquet", delete=False)  # noqa: SIM115
     try:
