@@ -22,6 +22,8 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
+from gateway.cli import SEND_QUEUE_WAIT
+
 HERE = Path(__file__).resolve().parent
 KUSTOMIZATIONS = [HERE / "base", HERE / "overlays" / "postgresql"]
 VERSION = "1.30.0"  # the oldest Kubernetes the manifests target (preStop `sleep` needs 1.30)
@@ -72,8 +74,8 @@ def pod_problems(obj: dict[str, Any], shutdown_timeout: float | None) -> list[st
                 problems.append("livenessProbe on /healthz")
             pause = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
             grace = spec.get("terminationGracePeriodSeconds", 30)
-            if shutdown_timeout is None or grace < shutdown_timeout + pause:
-                problems.append(f"terminationGracePeriodSeconds {grace} < shutdown_timeout + preStop pause")
+            if shutdown_timeout is None or grace < shutdown_timeout + pause + SEND_QUEUE_WAIT:
+                problems.append(f"terminationGracePeriodSeconds {grace} < shutdown_timeout + preStop + send queues")
     return problems
 
 
