@@ -128,6 +128,32 @@ use_blob_urls = false
         world.podman("volume", "rm", "--force", world.volume, check=False)
 
 
+@pytest.mark.parametrize(("lock", "extras"), [("requirements.lock", set()), ("requirements-parquet.lock", {"parquet"})])
+def test_the_lock_files_pin_what_pyproject_asks(lock: str, extras: set[str]):
+    """The image installs only the lock (`--no-deps` for the gateway itself): a dependency added to
+    pyproject.toml without `make lock` would be missing from the image."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / lock).read_text().splitlines():
+        if "==" in line and not line.startswith((" ", "#")):
+            name, version = line.split(" ")[0].split("==")
+            pins[name.lower().replace("_", "-")] = version
+            assert "--hash=sha256:" in (ROOT / lock).read_text().split(line, 1)[1].split("\n", 2)[1], line
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for extra in extras for r in project["optional-dependencies"][extra]]
+    for requirement in wanted:
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{lock} lacks {name}: run `make lock`"
+        assert requirement.specifier.contains(pins[name]), f"{lock}: {name}=={pins[name]} is not {requirement}"
+    assert ("pyarrow" in pins) == ("parquet" in extras)
+
+
 def test_the_image_is_built_as_the_issue_asks(container):
     (image,) = json.loads(container.podman("image", "inspect", IMAGE).stdout)
     config = image["Config"]
@@ -164,6 +190,8 @@ def test_serves_media_checks_health_and_drains_on_sigterm(container):
         "--detach",
         f"--name={container.name}",
         f"--publish=127.0.0.1:{container.port}:{PORT}",
+        "--read-only",  # as deploy/kubernetes runs it: read-only root (podman mounts a tmpfs on /tmp)
+        "--cap-drop=ALL",
         *container.mounts(),
         IMAGE,
         check=True,
