@@ -23,8 +23,8 @@ RUN /opt/gateway/bin/pip install --no-deps --no-build-isolation --no-compile /sr
  && /opt/gateway/bin/python3 -m compileall -q /opt/gateway/lib
 
 FROM ${BASE}
-RUN groupadd --system --gid 10001 gateway \
- && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/gateway --create-home --shell /usr/sbin/nologin gateway
+RUN groupadd --gid 10001 gateway \
+ && useradd --uid 10001 --gid 10001 --no-log-init --home-dir /var/lib/gateway --create-home --shell /usr/sbin/nologin gateway
 COPY --from=build /opt/gateway /opt/gateway
 # The config file is the operator's (mount it at /etc/gateway/gateway.toml, with `host = "0.0.0.0"`
 # in [server]); no environment default here overrides it.
