@@ -443,8 +443,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     finally:
         for process in reversed(processes):
             if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM) if process is not emulator_process else process.terminate()
+                if process is emulator_process:  # in our process group: never killpg it
+                    process.terminate()
+                else:  # the gateway's supervisor forwards SIGTERM to its workers
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGTERM)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(20)
             if process.poll() is None:
