@@ -5,7 +5,9 @@ is on PATH (no registry this project may use ships one: Debian's kubernetes-clie
 kustomize 2.0.3, which cannot read these overlays); every rendered object is then validated
 against the Kubernetes schemas bundled in kubernetes-validate (strict: unknown fields are errors)
 and the pod rules below are checked. Without such a kubectl, the complete resource files (not the
-overlay's patches) are checked instead, and the script says so.
+overlay's patches) are checked instead, and the script says so. Each `gateway.toml` must pass
+`gateway check-config`, and base/prometheusrule.yaml must be deploy/prometheus/gateway-rules.yml
+(`--write` regenerates it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gateway.cli import SEND_QUEUE_WAIT
 HERE = Path(__file__).resolve().parent
 KUSTOMIZATIONS = [HERE / "base", HERE / "overlays" / "postgresql"]
 VERSION = "1.30.0"  # the oldest Kubernetes the manifests target (preStop `sleep` needs 1.30)
-CUSTOM = {"ServiceMonitor", "PodMonitor"}  # Prometheus Operator kinds: no bundled schema
+CUSTOM = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # Prometheus Operator kinds: no bundled schema
 PATCHES = {"server.yaml", "no-registry-volume.yaml"}
 
 
@@ -102,6 +104,8 @@ def check(name: str, objects: list[dict[str, Any]], config: Path) -> list[str]:
     errors = []
     for obj in objects:
         what = f"{name}: {obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "PrometheusRule":
+            continue  # its content is the rules file's, which promtool checks
         if obj["kind"] in CUSTOM:
             if not obj.get("spec", {}).get("selector", {}).get("matchLabels"):
                 errors.append(f"{what}: no spec.selector.matchLabels")
@@ -115,9 +119,41 @@ def check(name: str, objects: list[dict[str, Any]], config: Path) -> list[str]:
     return errors
 
 
+RULES = HERE.parent / "prometheus" / "gateway-rules.yml"
+PROMETHEUS_RULE = HERE / "base" / "prometheusrule.yaml"
+
+
+def prometheus_rule() -> str:
+    """deploy/prometheus/gateway-rules.yml as a Prometheus Operator PrometheusRule (one source)."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "media-gateway"},
+        "spec": {"groups": groups},
+    }
+    header = "# Generated from deploy/prometheus/gateway-rules.yml: python deploy/kubernetes/check.py --write\n"
+    return header + yaml.dump(rule, Dumper=_BlockDumper, sort_keys=False, width=120)
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line expressions as `|` blocks, as in the rules file."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+)
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--write"]:
+        PROMETHEUS_RULE.write_text(prometheus_rule())
+        return 0
     command = kustomize()
     errors = []
+    if PROMETHEUS_RULE.read_text() != prometheus_rule():
+        errors.append(f"{PROMETHEUS_RULE.name} differs from {RULES.name}: run `python {Path(__file__).name} --write`")
     for directory in KUSTOMIZATIONS:
         name = str(directory.relative_to(HERE))
         objects = rendered(command, directory) if command is not None else raw(directory)
