@@ -80,10 +80,10 @@ def podman_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     if shutil.which("podman") is None:
-        _missing("podman is not installed (make image installs it as root)")
+        _missing("podman is not installed", "`make image` as root installs podman, runc and debootstrap")
     env = podman_env()
     if subprocess.run(["podman", "image", "exists", IMAGE], env=env).returncode != 0:
-        _missing(f"the image {IMAGE} is not built (make image)")
+        _missing(f"the image {IMAGE} is not built", "`make image` (as root)")
     directory = tmp_path_factory.mktemp("container")
     (directory / "media").mkdir()
     photo, video = os.urandom(300_000), os.urandom(48 * MiB)

@@ -48,7 +48,7 @@ COMPARISON = re.compile(r"^(?P<signal>.+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<thres
 def tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        _missing(f"{name} (Debian's prometheus package) is not installed")
+        _missing(f"{name} is not installed", "apt-get install prometheus, or `make prometheus` as root")
     return path
 
 
