@@ -4,7 +4,7 @@ VENV ?= .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint serve clean chromium postgresql nginx label-studio
+.PHONY: demo test lint serve clean chromium postgresql nginx label-studio prometheus dashboard image lock
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gateway demo --port $(PORT)
 
-test: $(STAMP) lint chromium postgresql nginx label-studio
+test: $(STAMP) lint chromium postgresql nginx label-studio prometheus image
 	LABEL_STUDIO_VENV=$(LS_VENV) $(VENV)/bin/pytest -q
 
 # Browser tests use Debian's chromium; installed when absent and we are root (CI). Without it
@@ -47,6 +47,38 @@ nginx:
 	@PATH="$$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 
+# tests/test_operations.py runs Debian's Prometheus (and promtool) against `gateway serve`;
+# installed when absent and we are root. Without it those tests skip locally, fail under CI=true.
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# The Grafana dashboard is code (deploy/grafana/dashboard.py); the JSON is its committed output.
+dashboard: $(STAMP)
+	$(VENV)/bin/python deploy/grafana/dashboard.py > deploy/grafana/gateway-dashboard.json
+
+# The container image, built with podman for tests/test_container.py on a Debian base made here
+# with debootstrap (tests/container/build.sh; cached in podman's image store after the first run).
+# podman, runc and debootstrap are installed when absent and we are root; without podman the
+# image test skips locally and fails under CI=true. CONTAINERS_CONF: this host's podman quirks.
+IMAGE ?= localhost/media-gateway:test
+IMAGE_BASE ?= localhost/gateway-ci-base:bookworm
+export CONTAINERS_CONF ?= $(CURDIR)/tests/container/containers.conf
+
+image:
+	@{ command -v podman && command -v runc && command -v debootstrap; } >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; }
+	@if command -v podman >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then tests/container/build.sh $(IMAGE) $(IMAGE_BASE); \
+		else echo "image: not built (needs root and podman)"; fi
+
+# The image's dependency locks (hashes included), from pyproject.toml; re-run after changing it.
+lock:
+	test -x .venv-lock/bin/pip-compile || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet 'pip-tools>=7.4,<8'; }
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements.lock pyproject.toml deploy/container/build.in
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links --extra parquet -o requirements-parquet.lock pyproject.toml deploy/container/build.in
+
 label-studio: $(LS_VENV)/.installed
 
 $(LS_VENV)/.installed:
@@ -63,12 +95,13 @@ fuzz-lanes: $(STAMP)
 	LANES_EXAMPLES=$(LANES_EXAMPLES) LANES_RANDOM=1 $(VENV)/bin/pytest -q tests/test_lanes_differential.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway tests bench
-	$(VENV)/bin/ruff format --check gateway tests bench
+	$(VENV)/bin/ruff check gateway tests bench deploy
+	$(VENV)/bin/ruff format --check gateway tests bench deploy
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/python deploy/kubernetes/check.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-lock .demo .pytest_cache build *.egg-info
 
 # `make bench [ARGS="--quick"]`: the benchmark harness (bench/README.md). Needs wrk and nginx;
 # installs them with apt-get when absent (as root).

@@ -78,6 +78,12 @@ SYNC_SECONDS = Histogram(
 )
 SYNC_ERRORS = Counter("gateway_sync_errors_total", "Import sync errors", ["kind"])  # row, file, storage, job
 SYNC_JOBS = Counter("gateway_sync_jobs_total", "Import sync jobs finished", ["status"])
+SYNC_LAST_SUCCESS = Gauge(
+    "gateway_sync_last_success_timestamp_seconds",
+    "When a periodic storage's sync last finished its listing (completed, with or without row errors)",
+    ["storage"],
+    multiprocess_mode="max",
+)  # periodic storages only (sync_interval > 0): on-demand ones are expected to stay unsynced
 EXPORT_WRITES = Counter(
     "gateway_export_writes_total", "Annotation objects written to target storages", ["target", "operation", "result"]
 )  # operation: upload, delete, unchanged, kept (a delete without can_delete_objects); result: ok, failed

@@ -74,8 +74,9 @@ def find_binaries() -> PostgresBinaries | None:
     return None
 
 
-def _missing(message: str) -> NoReturn:
-    missing(f"{message}: {INSTALL_HINT}")
+def _missing(message: str, hint: str = INSTALL_HINT) -> NoReturn:
+    """Skip locally, fail under CI (tests/required.py): a server or tool the tests need is absent."""
+    missing(f"{message}: {hint}")
 
 
 def _run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -18,7 +19,7 @@ from gateway.app import create_app
 from gateway.cli import CliError, main, parse_duration
 from gateway.demo import prepare_demo
 
-from .conftest import SECRET
+from .conftest import SECRET, wait_until
 
 
 def write_config(tmp_path, extra: str = "", auth: str = "") -> str:
@@ -61,6 +62,60 @@ def test_token_refuses_to_mint_beyond_the_lifetime_the_gateway_accepts(tmp_path,
     short = write_config(tmp_path, "", auth="max_token_lifetime = 600\n")
     assert main(["token", "--config", short, "--sub", "ann", "--ttl", "11m"]) == 2
     assert "(600 seconds)" in capsys.readouterr().err
+
+
+def test_health_asks_the_port_of_the_config_file_and_then_of_the_environment(tmp_path, capsys, monkeypatch):
+    """The image's HEALTHCHECK: a port set only in the TOML file (or only in GATEWAY_SERVER_PORT)
+    is the one asked, on loopback when the server listens on every address."""
+    import http.server
+    import threading
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        monkeypatch.delenv("GATEWAY_SERVER_PORT", raising=False)
+        config = write_config(tmp_path, f'[server]\nhost = "0.0.0.0"\nport = {port}\n')
+        assert main(["health", "--config", config]) == 0
+        closed = write_config(tmp_path, '[server]\nhost = "0.0.0.0"\nport = 9\n')
+        assert main(["health", "--config", closed]) == 1
+        assert "127.0.0.1:9/healthz" in capsys.readouterr().err
+        monkeypatch.setenv("GATEWAY_SERVER_PORT", str(port))
+        assert main(["health", "--config", closed]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_unsent_bytes_of_a_port_are_what_its_peers_have_not_read_yet():
+    """What `gateway serve` waits for before exiting (see cli._wait_for_send_queues)."""
+    from gateway.cli import _unsent_bytes
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:  # until the client's receive buffer and our send queue are full
+                sent += served.send(b"x" * 65536)
+        assert _unsent_bytes(port) > 0
+        received = 0
+        while received < sent:
+            received += len(client.recv(1 << 20))
+        wait_until(lambda: _unsent_bytes(port) == 0, timeout=5, what="the last acknowledgement")
+        served.close()
+        client.close()
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("45s", 45), ("30m", 1800), ("1h", 3600), ("7d", 604800)])

@@ -7,6 +7,7 @@ import datetime
 import decimal
 import io
 import json
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -166,6 +167,14 @@ async def test_parquet_rows_across_row_groups_and_broken_files() -> None:
         await parse("t.parquet", b"PAR1 but nothing else")
     with pytest.raises(FileError, match="Parquet"):
         await parse("t.parquet", data[: len(data) // 2] + data[-8:])  # footer kept, pages cut
+
+
+async def test_parquet_without_pyarrow_is_a_file_error_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow is the optional `parquet` extra (the container image leaves it out by default)."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow…` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(FileError, match=r"needs pyarrow.*gcs-media-gateway\[parquet\]"):
+        await parse("t.parquet", b"PAR1")
 
 
 async def test_a_parquet_file_may_take_only_so_much_disk() -> None:

@@ -108,9 +108,32 @@ def _report(storage_id: str, job: dict[str, Any]) -> int:
     return 0 if job["status"] == "completed" else 1
 
 
-async def worker_command(settings: Settings) -> int:
+async def worker_command(settings: Settings, metrics_port: int | None = None) -> int:
     """Run the sync and export workers until SIGTERM or SIGINT (the `worker` settings only tell
-    `gateway serve` whether to run them); a running job goes back to the queue."""
+    `gateway serve` whether to run them); a running job goes back to the queue.
+
+    With `metrics_port`, /metrics is served too: a worker's sync and export figures exist only in
+    its process, so without it they would be missing from Prometheus."""
+    from aiohttp import web
+
+    from .. import metrics
+
+    async def exposition(_request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_port is not None:
+            app = web.Application()
+            app.router.add_get("/metrics", exposition)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, settings.server.host, metrics_port).start()
+        return await _work(settings)
+
+
+async def _work(settings: Settings) -> int:
     from ..export.worker import ExportWorker
 
     async with opened_catalog(settings) as catalog:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import datetime
 import decimal
+import importlib.util
 import math
 import os
 import tempfile
@@ -194,6 +195,11 @@ def _json_line(line: bytes) -> Any:
 async def _parquet_rows(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[list[tuple[int, Any]]]:
     """Parquet needs random access: the file is spooled to a temporary file, then read one
     batch of rows at a time (columns become data fields; a `data` struct column is the data)."""
+    if importlib.util.find_spec("pyarrow") is None:  # the optional `parquet` extra (154 MB of the image)
+        raise FileError(
+            "a Parquet task file needs pyarrow, which this installation lacks (pip install "
+            "'gcs-media-gateway[parquet]', or the image built with --build-arg LOCK=requirements-parquet.lock)"
+        )
     handle = tempfile.NamedTemporaryFile(prefix="gateway-sync-", suffix=".parquet", delete=False)  # noqa: SIM115
     try:
         size = 0

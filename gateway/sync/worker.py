@@ -157,6 +157,8 @@ class SyncWorker:
         if not await self.registry.finish_job(job_id, self.name, status, counters, progress.errors, message):
             log.warning("sync job %s finished after another worker took it over", job_id)
         metrics.SYNC_JOBS.labels(status).inc()
+        if storage is not None and storage.sync_interval and status != "failed":
+            metrics.SYNC_LAST_SUCCESS.labels(storage.id).set(time.time())
         log.info(
             "sync job %s of storage %s %s: %s%s",
             job_id,
