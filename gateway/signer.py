@@ -58,7 +58,16 @@ class CredentialsSigner:
             return await asyncio.to_thread(self._credentials.sign_bytes, payload)
         except google.auth.exceptions.GoogleAuthError as exc:
             log.warning("signing as %s failed: %s", self.email, exc)
-            raise SigningError("unavailable", "the signing credentials could not sign") from None
+            if self.method == "signblob":  # impersonation: google-auth called signBlob as the source identity
+                raise SigningError(
+                    "unavailable",
+                    f"signing as {self.email} through signBlob failed ({type(exc).__name__}): the source"
+                    " identity needs roles/iam.serviceAccountTokenCreator on that service account, and"
+                    " iamcredentials.googleapis.com must be reachable",
+                ) from None
+            raise SigningError(
+                "unavailable", f"the key of {self.email} could not sign ({type(exc).__name__})"
+            ) from None
 
 
 LocalKeySigner = CredentialsSigner  # a service-account key: the common case
@@ -196,6 +205,16 @@ class SignedUrlCache:
         return url, now + ttl_seconds
 
 
+PROBE = b"media-gateway: can this identity sign?"
+
+
+async def probe(signer: Signer) -> None:
+    """Sign a fixed payload with the storage's identity, as a presigned media request would:
+    SigningError (with words a person can act on) when that cannot work. Test connection, /readyz
+    and `gateway check-config` ask this before any annotator does."""
+    await signer.sign(PROBE)
+
+
 def build_signer(credentials: Any, session: aiohttp.ClientSession, iam_endpoint: str) -> tuple[Signer, Any]:
     """The signer for a storage's credentials, and the token source it needs (None if none).
 
@@ -204,10 +223,18 @@ def build_signer(credentials: Any, session: aiohttp.ClientSession, iam_endpoint:
     it — the storage's own token is read-only and signBlob would refuse it.
     """
     from google.auth import impersonated_credentials
+    from google.oauth2 import credentials as user_credentials
     from google.oauth2 import service_account
 
     from .storage.credentials import AccessTokens
 
+    if isinstance(credentials, user_credentials.Credentials):
+        raise SigningError(
+            "user_credentials",
+            "an authorized-user credential (gcloud auth login) belongs to a person, not a service account, and"
+            " cannot sign URLs: give presign storages a service-account key, impersonation of a service"
+            " account, or the gateway's own service account (Application Default Credentials)",
+        )
     if isinstance(credentials, service_account.Credentials):
         return CredentialsSigner(credentials, "local"), None
     if isinstance(credentials, impersonated_credentials.Credentials):
