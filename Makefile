@@ -25,8 +25,8 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-# The browser video test makes its clip at test time (several MB, longer than chromium's first read,
-# so a seek needs a range) with Debian's ffmpeg; installed like chromium, skipped / failed alike.
+# The browser video test makes its clip at test time with Debian's ffmpeg (about 10 MB: more than
+# chromium reads ahead, so a seek needs a range); installed like chromium, skipped / failed alike.
 ffmpeg:
 	@command -v ffmpeg >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; }

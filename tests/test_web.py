@@ -4,8 +4,10 @@ The settings page at /ui/: sign-in, Add Source Storage with Test connection, Loa
 Save & Sync, errors next to their fields. The viewer at /view/tasks/{id}: an image, a video that
 seeks (206 answers) and plays, and a multi-page PDF whose first page renders before the file is
 downloaded — through a proxied and through a pre-signed storage (the browser follows the 303).
-The gateway is served by its production front (`gateway.fastlane.serve`): every media answer the
-viewer gets must come from the fast lane, from warm caches after each object's first request.
+The gateway is served by its production front (`gateway.fastlane.serve`): each media answer must
+come from the lane the front promises (the viewer's page and scripts share chromium's connections
+with its media, and a connection that carried a page belongs to aiohttp for good), from warm caches
+after each object's first request.
 Screenshots go to tests/artifacts/ (ignored by git).
 """
 
@@ -361,8 +363,9 @@ async def check_viewer(page, responses, errors, partial_before: float, *, signed
 
 
 async def check_front(seen: ChromiumMedia, lookups: CacheLookups, *, signed: bool) -> None:
-    """Every media answer (a 206, or a pre-signed storage's 303) came from the fast lane, on
-    connections chromium kept alive, from warm caches after each object's first request."""
+    """Every media answer (a 206, or a pre-signed storage's 303) came from the lane the front
+    promises, on connections chromium kept alive, from warm caches after each object's first
+    request."""
     answers = await seen.check_front()
     assert {a.status for a in answers} == ({303} if signed else {200, 206}), [(a.status, a.range) for a in answers]
     check_warm(answers, lookups, signed=signed)
