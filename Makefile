@@ -4,7 +4,7 @@ VENV ?= .venv
 PORT ?= 8080
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint serve clean chromium postgresql nginx label-studio prometheus dashboard image lock
+.PHONY: demo test lint serve clean chromium ffmpeg postgresql nginx label-studio prometheus dashboard image lock
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gateway demo --port $(PORT)
 
-test: $(STAMP) lint chromium postgresql nginx label-studio prometheus image
+test: $(STAMP) lint chromium ffmpeg postgresql nginx label-studio prometheus image
 	LABEL_STUDIO_VENV=$(LS_VENV) $(VENV)/bin/pytest -q
 
 # Browser tests use Debian's chromium; installed when absent and we are root (CI). Without it
@@ -24,6 +24,12 @@ test: $(STAMP) lint chromium postgresql nginx label-studio prometheus image
 chromium:
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# The browser video test makes its clip at test time with Debian's ffmpeg (about 10 MB: more than
+# chromium reads ahead, so a seek needs a range); installed like chromium, skipped / failed alike.
+ffmpeg:
+	@command -v ffmpeg >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null; }
 
 # Registry tests also run against PostgreSQL: tests/postgres.py starts a private cluster with
 # initdb/postgres from PATH or /usr/lib/postgresql/<ver>/bin (Debian's `postgresql`, not on PATH).

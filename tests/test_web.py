@@ -2,8 +2,12 @@
 
 The settings page at /ui/: sign-in, Add Source Storage with Test connection, Load preview and
 Save & Sync, errors next to their fields. The viewer at /view/tasks/{id}: an image, a video that
-seeks (206 answers), and a multi-page PDF whose first page renders before the file is
+seeks (206 answers) and plays, and a multi-page PDF whose first page renders before the file is
 downloaded — through a proxied and through a pre-signed storage (the browser follows the 303).
+The gateway is served by its production front (`gateway.fastlane.serve`): each media answer must
+come from the lane the front promises (the viewer's page and scripts share chromium's connections
+with its media, and a connection that carried a page belongs to aiohttp for good), from warm caches
+after each object's first request.
 Screenshots go to tests/artifacts/ (ignored by git).
 """
 
@@ -25,6 +29,7 @@ from gateway.demo import media_root
 from gateway.state import CATALOG, REGISTRY, TASKS
 from gateway.sync.worker import SyncWorker
 
+from .browser_media import CacheLookups, ChromiumMedia, check_warm
 from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
 from .test_presign import service_account_json
 
@@ -89,10 +94,10 @@ def screenshot_path(name: str) -> Path:
 
 
 @pytest.fixture
-async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
-    """A served gateway: a proxied and a pre-signed storage of MEDIA, a bucket of IMAGES for API
-    storages; one task per media storage. No workers: a test starts those it needs, when it
-    wants them to run."""
+async def gateway(tmp_path, emulator, fastlane, monkeypatch):
+    """A gateway served by its production front: a proxied and a pre-signed storage of MEDIA, a
+    bucket of IMAGES for API storages; one task per media storage. No workers: a test starts
+    those it needs, when it wants them to run."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-adc.json"))
     media_bucket, images_bucket = f"web-{uuid.uuid4().hex[:12]}", f"web-img-{uuid.uuid4().hex[:8]}"
@@ -117,6 +122,7 @@ async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
         },
         sync={"poll_interval": 0.1},
         export={"poll_interval": 0.1},
+        media={"metadata_ttl": 600},  # warm for the whole test, however slow the machine
     )
     app = create_app(settings)
     tasks = {}
@@ -128,8 +134,8 @@ async def gateway(tmp_path, emulator, aiohttp_server, monkeypatch):
         (tasks[project],) = await app[REGISTRY].add_tasks(
             project, [{"data": {**data, "pdf": f"gs://{bucket}/media/book.pdf"}}]
         )
-    server = await aiohttp_server(app, host="127.0.0.1")
-    return {"url": str(server.make_url("")).rstrip("/"), "tasks": tasks, "images": images_bucket, "app": app}
+    front = await fastlane(app)
+    return {"url": f"http://127.0.0.1:{front.port}", "tasks": tasks, "images": images_bucket, "app": app}
 
 
 async def new_page(browser: Any, **options: Any) -> Any:
@@ -251,10 +257,11 @@ async def test_add_source_storage_flow(browser, gateway):
     assert not [c for c in await page.context.cookies() if c["name"] == SESSION_COOKIE]
 
 
-async def open_viewer(browser, gateway, project: str):
+async def open_viewer(browser, gateway, project: str, seen: ChromiumMedia):
     """The viewer opened through a link with the token; the token then lives in the cookie only."""
     task = gateway["tasks"][project]
     page = await new_page(browser, viewport={"width": 1000, "height": 1400})
+    await seen.watch(page)
     responses: list[Any] = []
     page.on("response", lambda r: responses.append(r))
     errors: list[str] = []
@@ -308,15 +315,18 @@ async def check_viewer(page, responses, errors, partial_before: float, *, signed
         duration / 2,
     )
     assert abs(position - duration / 2) < 0.2
-    played = await page.evaluate(
-        """() => new Promise((resolve, reject) => {
-            const v = document.querySelector('video');
+    # Play: the clock moves on by half a second from the seek position (an awaited event, bounded).
+    played = await settled(
+        page.locator("video"),
+        """v => new Promise((ok, fail) => {
+            const from = v.currentTime;
             v.muted = true;
-            v.addEventListener('timeupdate', () => resolve(v.currentTime), {once: true});
-            v.play().catch(reject);
-        })"""
+            v.addEventListener('timeupdate', () => { if (v.currentTime >= from + 0.5) ok([from, v.currentTime]); });
+            v.addEventListener('error', () => fail(new Error('media error ' + v.error.code)), {once: true});
+            v.play().catch(fail);
+        })""",
     )
-    assert played >= position
+    assert played[0] == position and played[1] >= position + 0.5
     source = await page.locator("video").get_attribute("src")
     video = [r for r in responses if (r.request.redirected_from or r.request).url.endswith(source)]
     if signed:  # the gateway redirects; the storage answers the ranges
@@ -352,15 +362,30 @@ async def check_viewer(page, responses, errors, partial_before: float, *, signed
     assert not errors, errors
 
 
+async def check_front(seen: ChromiumMedia, lookups: CacheLookups, *, signed: bool) -> None:
+    """Every media answer (a 206, or a pre-signed storage's 303) came from the lane the front
+    promises, on connections chromium kept alive, from warm caches after each object's first
+    request."""
+    answers = await seen.check_front()
+    assert {a.status for a in answers} == ({303} if signed else {200, 206}), [(a.status, a.range) for a in answers]
+    check_warm(answers, lookups, signed=signed)
+
+
 async def test_viewer_proxied_storage(browser, gateway):
-    page, *seen = await open_viewer(browser, gateway, PROJECT)
-    await check_viewer(page, *seen, signed=False)
-    await page.screenshot(path=screenshot_path("viewer"), full_page=True)
+    with ChromiumMedia(gateway["url"]) as seen:
+        lookups = CacheLookups()
+        page, *viewed = await open_viewer(browser, gateway, PROJECT, seen)
+        await check_viewer(page, *viewed, signed=False)
+        await page.screenshot(path=screenshot_path("viewer"), full_page=True)
+        await check_front(seen, lookups, signed=False)
 
 
 async def test_viewer_presigned_storage(browser, gateway):
-    page, *seen = await open_viewer(browser, gateway, "9")
-    await check_viewer(page, *seen, signed=True)
+    with ChromiumMedia(gateway["url"]) as seen:
+        lookups = CacheLookups()
+        page, *viewed = await open_viewer(browser, gateway, "9", seen)
+        await check_viewer(page, *viewed, signed=True)
+        await check_front(seen, lookups, signed=True)
 
 
 async def test_viewer_refuses_other_tasks(browser, gateway):
