@@ -29,6 +29,7 @@ from .proxy import MediaHandler
 from .registry import RegistryUnavailable, open_registry
 from .registry.outbox import Outbox, Recorder
 from .registry.sql import SqlTaskRegistry
+from .signer import SigningError, probe
 from .state import (
     CATALOG,
     CLIENT,
@@ -255,6 +256,7 @@ async def readyz(request: web.Request) -> web.Response:
             except Exception as exc:  # detail to the log; the unauthenticated probe gets the kind
                 log.warning("readiness: storage %s: %s", storage_id, exc)
                 checks[f"storage:{storage_id}"] = f"error: {getattr(exc, 'reason', type(exc).__name__)}"
+        checks.update(await _signing_checks(request.app, now))
         cache.update(checks=checks, until=now + 5)
     shedding = request.app[LIMITER].shedding()
     checks = {**cache["checks"], "streams": "ok" if shedding is None else f"shedding: {shedding}"}
@@ -262,6 +264,28 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {"status": "ready" if ready else "not_ready", "checks": checks}, status=200 if ready else 503
     )
+
+
+SIGNING_CHECK_SECONDS = 60.0  # a signBlob identity is asked at most this often by probes
+
+
+async def _signing_checks(app: web.Application, now: float) -> dict[str, str]:
+    """Each config-file presign storage signs a probe with its identity, as a media request would
+    (kept a minute: a signBlob call per probe would be a call per probe period)."""
+    kept = app[READINESS].setdefault("signing", {})
+    for storage_id, signer in app[CATALOG].signers.items():
+        if storage_id.isdigit():
+            continue  # API storages: Test connection signs, and their problems show in their status
+        if kept.get(storage_id, (0.0, ""))[0] > now:
+            continue
+        try:
+            await probe(signer)
+            result = "ok"
+        except SigningError as exc:  # detail to the log; the unauthenticated probe gets the kind
+            log.warning("readiness: storage %s cannot sign: %s", storage_id, exc)
+            result = f"error: signing_{exc.reason}"
+        kept[storage_id] = (now + SIGNING_CHECK_SECONDS, result)
+    return {f"signing:{storage_id}": result for storage_id, (_, result) in kept.items()}
 
 
 async def metrics_view(_request: web.Request) -> web.Response:

@@ -204,12 +204,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from .storage import load_storage_credentials
 
-    load_storage_credentials(settings)  # a missing or malformed key file fails here
+    credentials = load_storage_credentials(settings)  # a missing or malformed key file fails here
+    asyncio.run(_check_signing(settings, credentials))
     print(
         f"config OK: {settings.source}: {len(settings.storages)} storage(s), "
         f"projects {sorted({s.project for s in settings.storages})}"
     )
     return 0
+
+
+async def _check_signing(settings: Settings, credentials: dict[str, Any]) -> None:
+    """Each presign storage signs a probe with its identity, as its media requests will: a key that
+    cannot sign, a missing signBlob permission or an unreachable IAM endpoint fails here, in words."""
+    import aiohttp
+
+    from .signer import SigningError, build_signer, probe, resolve_identity
+
+    presign = [s for s in settings.storages if s.presign and s.id in credentials]
+    if not presign:
+        return
+    async with aiohttp.ClientSession() as session:
+        for storage in presign:
+            try:
+                signer, tokens = build_signer(credentials[storage.id], session, settings.upstream.iam_endpoint)
+                if tokens is not None:
+                    await resolve_identity(signer, *tokens)
+                await probe(signer)
+            except SigningError as exc:
+                raise ConfigError(f"[[storages]] id={storage.id!r}.presign: cannot sign URLs: {exc}") from None
 
 
 def cmd_health(args: argparse.Namespace) -> int:

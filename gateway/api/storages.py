@@ -19,7 +19,7 @@ from ..config import BUCKET_RE, StorageSettings, cidr_problem, normalize_prefix,
 from ..errors import Refused
 from ..keyfilter import FilterError, compile_filter
 from ..registry.sql import empty_counters
-from ..signer import SigningError, build_signer, resolve_identity
+from ..signer import SigningError, build_signer, probe, resolve_identity
 from ..state import CATALOG, REGISTRY, SYNC_WORKER
 from ..storage import Backend, BucketNotFound, StorageError, build_backend, load_storage_credential
 from ..storage.base import UpstreamDenied
@@ -551,6 +551,7 @@ async def _try_connection(request: web.Request, storage: StorageSettings) -> Non
             signer, token_source = build_signer(credentials, catalog.session, catalog.settings.upstream.iam_endpoint)
             if token_source is not None:
                 await resolve_identity(signer, *token_source)
+            await probe(signer)  # what every presigned media request will do
         except SigningError as exc:
             raise Invalid({"presign": f"these credentials cannot sign URLs: {exc}"}, "cannot_sign") from None
 
