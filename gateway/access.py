@@ -52,8 +52,12 @@ def request_id(incoming: str) -> str:
 
 
 def route_name(request: web.BaseRequest) -> str:
-    """A bounded route label: the resource's name, or 'unmatched'."""
-    match_info = getattr(request, "match_info", None)
+    """A bounded route label: the resource's name, or 'unmatched' (also for the 400 aiohttp writes
+    for a head it could not parse, which never met the router)."""
+    try:
+        match_info = getattr(request, "match_info", None)
+    except AssertionError:  # aiohttp asserts that a routed request has its match
+        return "unmatched"
     resource = match_info.route.resource if match_info is not None else None
     return (resource.name if resource is not None else None) or "unmatched"
 
@@ -76,8 +80,15 @@ class RequestRecorder(AbstractAccessLogger):
         route = route_name(request)
         mode = request.get(MODE) or ("proxy" if route in MEDIA_ROUTES else "none")
         self.account(route, mode, response.status, response.body_length, seconds)
+        transport = request.transport
+        answered = getattr(transport.get_protocol(), "aiohttp_answered", None) if transport is not None else None
+        if answered is not None:  # gateway/fastlane.py in front: it may take the connection back
+            answered()
         if self._access_log is None:
-            app = getattr(request, "app", None)
+            try:
+                app = getattr(request, "app", None)
+            except AssertionError:  # a head aiohttp could not parse never met the router
+                app = None
             if app is None:
                 return
             self._access_log = app[SETTINGS].server.access_log  # one app per server: read once

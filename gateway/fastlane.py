@@ -215,6 +215,8 @@ class FastLane(asyncio.Protocol):
         self.stopping = False  # shutting down: close once the current answer is out
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""  # which deadline applies: "idle", "head", "send", or none
+        self._forwarded = self._answered = 0  # requests given to aiohttp, and its answers
+        self._in_message = False  # a request given to aiohttp has begun and is not complete
         self._deadline = 0.0
         self._loop = asyncio.get_running_loop()
 
@@ -448,6 +450,8 @@ class FastLane(asyncio.Protocol):
         protocol = self._aiohttp = self._aiohttp_protocol()
         self._parser = None
         self._tracker = httptools.HttpRequestParser(self)
+        self._forwarded = self._answered = 0
+        self._in_message = False
         protocol.connection_made(transport)
         if self.paused:
             protocol.pause_writing()  # type: ignore[attr-defined]
@@ -470,11 +474,46 @@ class FastLane(asyncio.Protocol):
                 self._disarm()
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._arm("head", self._settings.head_timeout)
 
     def on_headers_complete(self) -> None:
         if self._timer_kind == "head":
             self._disarm()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._forwarded += 1
+
+    # -- taking the connection back once aiohttp has answered everything it was given
+    def aiohttp_answered(self) -> None:
+        """aiohttp finished an answer on this connection (gateway/access.py calls this from its
+        access logger, the last thing aiohttp does for a response)."""
+        self._answered += 1
+        self._loop.call_soon(self._take_back)
+
+    def _take_back(self) -> None:
+        """When every request given to aiohttp is answered and no other has begun, the fast lane
+        serves the connection again (a page's first request was its HTML: its media still come
+        through the fast lane). aiohttp's protocol is told the connection is gone, without closing
+        it: it forgets it as it forgets a closed one."""
+        protocol, transport = self._aiohttp, self._transport
+        if (
+            protocol is None
+            or self._tracker is None  # after an upgrade or a head the tracker could not read
+            or self._in_message
+            or self._answered < self._forwarded
+            or self.paused
+            or self._lost
+            or transport is None
+            or transport.is_closing()
+        ):
+            return
+        self._aiohttp = self._tracker = None
+        protocol.transport = None  # type: ignore[attr-defined]  # so that forgetting it does not close it
+        protocol.connection_lost(None)
+        self._parser = self._front.parser(self)
+        self._idle()
 
     # -- timers: one per connection, for whichever deadline applies now. Arming and disarming only
     # write the deadline (they happen twice per request); the one timer fires at least every

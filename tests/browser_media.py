@@ -195,10 +195,10 @@ class ChromiumMedia(logging.Handler):
         return lines
 
     async def check_front(self) -> list[Answer]:
-        """Each media answer came from the lane the front promises: the fast lane on a connection
-        that carried only media so far, aiohttp on one handed over (and never the fast lane again
-        on it). Some connection carried more than one media answer (chromium keeps connections
-        alive)."""
+        """Each media answer came from the lane the front promises: the fast lane, except right after
+        an answer of aiohttp's on the same connection (the fast lane takes a connection back once
+        aiohttp has answered all it was given; a request that arrives first is still aiohttp's).
+        Some connection carried more than one media answer (chromium keeps connections alive)."""
         answers = await self.settle()
         assert answers, "chromium made no media request"
         assert len({a.request_id for a in answers}) == len(answers), "an answer came twice (from a cache?)"
@@ -208,18 +208,13 @@ class ChromiumMedia(logging.Handler):
         unseen = [
             line["path"] for id_, line in self.lines.items() if id_ not in seen and "/resolve/" not in line["path"]
         ]
-        handed: set[int | None] = set()  # connections aiohttp owns
-        unexplained: set[int | None] = set()  # ... with no request chromium showed us that handed them over
+        previous: dict[int | None, str] = {}  # the lane of each connection's last answer
+        unexplained: set[int | None] = set()  # aiohttp's media answers after a fast one: a request we did not see
         for connection, request_id, media in self.sequence:
-            if not media:
-                handed.add(connection)
-            elif connection in handed:
-                assert lanes.get(request_id) != "fast", (
-                    f"the fast lane answered on a handed-over connection {connection}"
-                )
-            elif lanes.get(request_id) == "aiohttp":
-                handed.add(connection)
+            lane = lanes.get(request_id, "aiohttp") if media else "aiohttp"
+            if media and lane == "aiohttp" and previous.get(connection) != "aiohttp":
                 unexplained.add(connection)
+            previous[connection] = lane
         assert len(unexplained) <= len(unseen), (
             f"media answered by aiohttp on connections {unexplained} that carried only media; unseen: {unseen}"
         )

@@ -20,9 +20,10 @@ from gateway import metrics
 from gateway.app import create_app
 from gateway.state import FRONT, LIMITER, REGISTRY
 
-from .conftest import PROJECT, StoredObject, build_settings, make_token, seed
+from .conftest import PROJECT, AccessLines, StoredObject, build_settings, make_token, seed
 from .test_presign import service_account_json
 
+AIOHTTP_FIRST = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"  # not a media request: aiohttp's
 CLIP = StoredObject("video/clip.bin", bytes(range(256)) * 1000, "video/mp4")
 PAGE = StoredObject("pages/page.html", b"<p>hello</p>", "text/html")
 BIG = StoredObject("video/big.bin", os.urandom(8 * 1024 * 1024), "video/mp4")
@@ -105,7 +106,7 @@ async def lane(tmp_path, emulator, fastlane, monkeypatch, keepalive, limits, ser
     uris["big"] = f"gs://{plain_bucket}/{BIG.key}"
     (task,) = await app[REGISTRY].add_tasks(PROJECT, [{"data": uris}])
     client = await fastlane(app)
-    return Lane(client.port, app, task, uris, make_token(tasks=[task]), emulator, plain_bucket)
+    return Lane(client.port, app, task, uris, make_token(tasks=[task]), emulator, plain_bucket, client.access)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Lane:
     token: str
     emulator: object
     bucket: str
+    access: AccessLines  # checks the lane that answered each request it expects
 
     async def connect(self) -> Connection:
         return Connection(*await asyncio.open_connection("127.0.0.1", self.port))
@@ -135,13 +137,20 @@ class Lane:
         port = connection.writer.get_extra_info("sockname")[1]
         return any(c.peer[1] == port and not c.forwarding for c in self.app[FRONT].connections)  # type: ignore[index]
 
+    def expect(self, request: bytes, lane: str) -> bytes:
+        """The request with an X-Request-ID whose access line must name `lane` (checked as lines
+        are written, and at teardown)."""
+        request_id = uuid.uuid4().hex
+        self.access.expected[request_id] = (lane, request.split(b"\r\n", 1)[0].decode("latin-1"))
+        return request.replace(b"\r\n", f"\r\nX-Request-ID: {request_id}\r\n".encode(), 1)
+
     async def through_aiohttp(self, request: bytes, head_request: bool = False) -> Answer:
-        """The request on a connection aiohttp owns from its first byte (it starts with /healthz)."""
+        """The request answered by aiohttp: on a connection that starts with /healthz, sent in the
+        same write (the fast lane takes a connection back once aiohttp has answered all it got)."""
         connection = await self.connect()
         try:
-            await connection.send(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            await connection.send(AIOHTTP_FIRST + self.expect(request, "aiohttp"))
             assert (await connection.answer()).status == 200
-            await connection.send(request)
             return await connection.answer(head_request)
         finally:
             connection.close()
@@ -150,7 +159,7 @@ class Lane:
         """The request on a fresh connection; asserts that the fast lane answered it."""
         connection = await self.connect()
         try:
-            await connection.send(request)
+            await connection.send(self.expect(request, "fast"))
             answer = await connection.answer(head_request)
             assert self.in_fast_lane(connection), "the fast lane handed this request to aiohttp"
             return answer
@@ -223,14 +232,18 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_over(lan
     hit = lane.request("clip", "If-None-Match: *")
     connection = await lane.connect()
     try:
-        # One write: a hit, a request only aiohttp serves, and a hit that aiohttp now answers too.
-        await connection.send(hit + b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n" + hit)
+        # One write: a hit, a request only aiohttp serves, and a hit that aiohttp answers too (it has
+        # the connection then); once aiohttp has answered all it got, the fast lane takes it back.
+        pipeline = lane.expect(hit, "fast") + AIOHTTP_FIRST + lane.expect(hit, "aiohttp")
+        await connection.send(pipeline)
         statuses = [(await connection.answer()).status for _ in range(3)]
         assert statuses == [304, 200, 304]
-        assert not lane.in_fast_lane(connection)  # the connection is aiohttp's now
-        await connection.send(lane.request("clip", "Range: bytes=0-9"))
+        await eventually(lambda: lane.in_fast_lane(connection), "the fast lane to take the connection back")
+        await connection.send(lane.expect(lane.request("clip", "Range: bytes=0-9"), "fast"))
         answer = await connection.answer()
         assert (answer.status, answer.body) == (206, CLIP.data[:10])
+        await connection.send(AIOHTTP_FIRST + lane.expect(hit, "aiohttp"))  # and gives it again
+        assert [(await connection.answer()).status for _ in range(2)] == [200, 304]
     finally:
         connection.close()
 
@@ -279,10 +292,9 @@ async def test_requests_the_fast_lane_leaves_to_aiohttp(lane, case):
         request += b"abc"
     connection = await lane.connect()
     try:
-        await connection.send(request)
+        await connection.send(lane.expect(request, "aiohttp"))
         answer = await connection.answer()
         assert answer.status == status
-        assert not lane.in_fast_lane(connection)
     finally:
         connection.close()
 
@@ -291,17 +303,16 @@ async def test_http_1_0_malformed_and_unknown_requests_get_aiohttps_answers(lane
     await lane.through_aiohttp(lane.request("clip"))
     old = lane.request("clip", "If-None-Match: *").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
     for request, status in (
-        (old, 304),
+        (lane.expect(old, "aiohttp"), 304),
         (b"GET /tasks/1/resolve/ HTTP/1.1\r\nHost: gateway\r\nBad Header\r\n\r\n", 400),
         (b"GET /tasks/1/resolve/ HTTP/1.1\nHost: gateway\n\n", 400),  # bare LF: never waits for a CRLF
-        (b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\n\r\n", 404),
+        (lane.expect(b"GET /nowhere HTTP/1.1\r\nHost: gateway\r\n\r\n", "aiohttp"), 404),
         (b"GET /tasks/1/resolve/?fileuri=x HTTP/1.1\r\nHost: g\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", 400),
     ):
         connection = await lane.connect()
         try:
             await connection.send(request)
             assert (await connection.answer()).status == status, request[:60]
-            assert not lane.in_fast_lane(connection)
         finally:
             connection.close()
 
