@@ -17,7 +17,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
-
 from gateway import metrics
+
+from .required import missing
 
 _ACCESS = logging.getLogger("gateway.access")
 VIDEO_SECONDS = 20  # long enough to play from the middle; its size comes from the bit rate
@@ -56,9 +55,7 @@ def long_video() -> bytes:
     make it small): about 10 MB, a keyframe every second so that a seek lands near its target.
     Made once per test session."""
     if shutil.which("ffmpeg") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Debian's ffmpeg is required under CI to make the test video (make ffmpeg)")
-        pytest.skip("Debian's ffmpeg is not installed (make ffmpeg, or apt-get install ffmpeg)")
+        missing("Debian's ffmpeg makes the test video (make ffmpeg, or apt-get install ffmpeg)")
     data = _made_video()
     assert len(data) >= VIDEO_BYTES_MIN, f"the test video is only {len(data)} bytes"
     return data
