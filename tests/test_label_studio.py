@@ -32,7 +32,7 @@ import pytest
 
 from gateway.uris import encode_fileuri
 
-from .conftest import SECRET, Emulator, free_port, wait_until
+from .conftest import CHROMIUM, CHROMIUM_FLAGS, SECRET, Emulator, free_port, wait_until
 from .required import missing
 
 pytestmark = pytest.mark.slow
@@ -503,3 +503,32 @@ def test_label_studio_down_is_503_and_recovery(front: Front) -> None:
         front.ls.start()
     status, _, body = http(url, headers=session(front))
     assert status == 200 and body == IMAGE
+
+
+def test_a_browser_logs_in_through_the_front_and_gets_media_from_the_gateway(front: Front) -> None:
+    """Label Studio's login form in chromium, through the shipped recipe on a non-default port: the
+    browser sends `Origin: http://127.0.0.1:PORT`, which Django's CSRF check compares with the
+    Host the front passes on (urllib's logins send no Origin and cannot see a dropped port)."""
+    if not os.path.exists(CHROMIUM):
+        missing("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            posts: list[int] = []
+            page.on("response", lambda r: r.request.method == "POST" and posts.append(r.status))
+            page.goto(f"{front.front}/user/login/")
+            page.fill("#email", ADMIN_EMAIL)
+            page.fill("#password", ADMIN_PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_load_state()
+            assert posts == [302], posts  # 403 when the front drops the port from Host
+            assert "/user/login" not in page.url
+            assert any(c["name"] == "sessionid" for c in page.context.cookies())
+            media = page.goto(front.resolve("img/a.jpg"))
+            assert media is not None and media.status == 200 and media.body() == IMAGE
+            assert "x-request-id" in media.headers  # the gateway's answer, with the browser's own session
+        finally:
+            browser.close()
