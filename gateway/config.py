@@ -246,6 +246,10 @@ class LabelStudioSettings:
     negative_cache_ttl: float = 5.0  # seconds a refusal is kept
     cache_size: int = 10000
     session_cookie: str = "sessionid"  # Label Studio's SESSION_COOKIE_NAME
+    # An API token of a Label Studio user who can see the annotators (an organisation admin): the
+    # export asks Label Studio for `completed_by`'s name and email, as its own target storage writes.
+    api_token: str | None = field(default=None, repr=False)
+    user_cache_ttl: float = 600.0  # seconds a looked-up user is kept
 
 
 @dataclass(frozen=True)

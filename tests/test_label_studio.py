@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from gateway.labelstudio_ssrf import label_studio_env
 from gateway.uris import encode_fileuri
 
 from .conftest import CHROMIUM, CHROMIUM_FLAGS, SECRET, Emulator, free_port, wait_until
@@ -46,6 +48,9 @@ ADMIN_EMAIL, ADMIN_PASSWORD = "admin@example.com", "admin-password-123"
 OUTSIDER_EMAIL, OUTSIDER_PASSWORD = "outsider@example.com", "outsider-password-123"
 ADMIN_TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Label Studio's legacy API token
 IMAGE = os.urandom(200_000)
+WEBHOOK_SECRET = "webhook-secret-for-the-drop-in-tests"
+PREFIX = "annotations"  # the same prefix for Label Studio's own target storage and the gateway's
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
 
 
@@ -109,6 +114,9 @@ class LabelStudio:
             "SENTRY_DSN": "",
             "FRONTEND_SENTRY_DSN": "",
             "LOG_LEVEL": "WARNING",
+            # The README's SSRF configuration: protection on, only the gateway's address let through.
+            "SSRF_PROTECTION_ENABLED": "true",
+            **label_studio_env(["127.0.0.1"]),
             "STORAGE_EMULATOR_HOST": self.emulator.url,
             "RESOLVER_PROXY_GCS_DOWNLOAD_URL": self.emulator.url
             + "/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media",
@@ -204,7 +212,8 @@ class LabelStudio:
         itself), synced: the project id and its tasks with their data as stored."""
         config = (
             '<View><Image name="image" value="$image"/>'
-            '<Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+            '<Choices name="c" toName="image"><Choice value="a"/></Choices>'
+            '<RectangleLabels name="box" toName="image"><Label value="thing"/></RectangleLabels></View>'
         )
         project = self.api("POST", "/api/projects/", {"title": "Gateway drop-in", "label_config": config})["id"]
         fields = {"project": project, "bucket": bucket, "prefix": prefix, "use_blob_urls": True, "presign": False}
@@ -245,6 +254,10 @@ class Front:
     admin_session: str
     outsider_session: str
     gateway_log: Path
+    emulator: Emulator
+    ls_target: str  # the bucket Label Studio's own GCS target storage writes to
+    gateway_target: str  # the bucket the gateway's target storage writes to
+    ls_target_storage: int  # Label Studio's id of its own target storage
 
     def resolve(self, key: str, task: int | None = None, bucket: str | None = None) -> str:
         fileuri = encode_fileuri(f"gs://{bucket or self.bucket}/{key}")
@@ -294,6 +307,11 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
             """
         )
         outsider = ls.login(OUTSIDER_EMAIL, OUTSIDER_PASSWORD)
+        ls_target, gateway_target = f"{bucket}-ls-target", f"{bucket}-gw-target"
+        emulator.create_bucket(ls_target)
+        emulator.create_bucket(gateway_target)
+        # Label Studio's own GCS target storage, beside the gateway's: the two objects are compared.
+        target = ls.api("POST", "/api/storages/export/gcs", {"project": project, "bucket": ls_target, "prefix": PREFIX})
 
         # The gateway, a real process, serving the bucket for Label Studio's project.
         gateway_port = free_port()
@@ -305,8 +323,21 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 url = "sqlite:///{directory / "registry.db"}"
                 [label_studio]
                 url = "{ls.url}"
+                api_token = "{ADMIN_TOKEN}"
                 cache_ttl = 30.0
                 negative_cache_ttl = 2.0
+                [webhooks]
+                secret = "{WEBHOOK_SECRET}"
+                [export]
+                retry_base = 0.2
+                retry_max = 2.0
+                [[export_storages]]
+                id = "annotations"
+                project = "{project}"
+                type = "gcs"
+                bucket = "{gateway_target}"
+                prefix = "{PREFIX}"
+                can_delete_objects = true
                 [[storages]]
                 id = "label-studio-media"
                 project = "{project}"
@@ -330,10 +361,38 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
         gateway = f"http://127.0.0.1:{gateway_port}"
         wait_until(lambda: _up(f"{gateway}/healthz"), 30, "the gateway")
 
+        # The README's webhook step, through Label Studio's own API (its SSRF check included).
+        ls.api(
+            "POST",
+            "/api/webhooks/",
+            {
+                "project": project,
+                "url": f"{gateway}/api/webhooks/label-studio",
+                "headers": {"X-Gateway-Webhook-Secret": WEBHOOK_SECRET},
+                "send_payload": True,
+                "send_for_all_actions": False,
+                "actions": WEBHOOK_ACTIONS,
+            },
+        )
+
         front_port = free_port()
         processes.append(start_front(directory / "nginx", gateway_port, ls.port, front_port))
         front_url = f"http://127.0.0.1:{front_port}"
-        yield Front(ls, front_url, gateway, bucket, project, tasks, session, outsider, directory / "gateway.log")
+        yield Front(
+            ls,
+            front_url,
+            gateway,
+            bucket,
+            project,
+            tasks,
+            session,
+            outsider,
+            directory / "gateway.log",
+            emulator,
+            ls_target,
+            gateway_target,
+            target["id"],
+        )
     finally:
         for process in processes:
             if process.poll() is None:
@@ -532,3 +591,77 @@ def test_a_browser_logs_in_through_the_front_and_gets_media_from_the_gateway(fro
             assert "x-request-id" in media.headers  # the gateway's answer, with the browser's own session
         finally:
             browser.close()
+
+
+def download(emulator: Emulator, bucket: str, key: str) -> tuple[int, bytes]:
+    quoted = urllib.parse.quote(key, safe="")
+    status, _, body = http(f"{emulator.url}/storage/v1/b/{bucket}/o/{quoted}?alt=media")
+    return status, body
+
+
+def exported(front: Front, key: str) -> tuple[Any, Any]:
+    """Label Studio's object and the gateway's, once both are written (Label Studio writes its own
+    before its annotation API answers; the gateway's export worker a moment later)."""
+    wait_until(lambda: download(front.emulator, front.gateway_target, key)[0] == 200, 30, f"the gateway's {key}")
+    _, ours = download(front.emulator, front.gateway_target, key)
+    status_ls, theirs = download(front.emulator, front.ls_target, key)
+    assert status_ls == 200, theirs[:300]
+    return json.loads(theirs), json.loads(ours)
+
+
+def field_differences(theirs: Any, ours: Any, path: str = "") -> dict[str, tuple[Any, Any]]:
+    """Every field (dotted path, objects compared field by field) whose values differ."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        found: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(theirs) | set(ours)):
+            where = f"{path}.{key}" if path else key
+            if key not in theirs or key not in ours:
+                found[where] = (theirs.get(key, "<absent>"), ours.get(key, "<absent>"))
+            else:
+                found |= field_differences(theirs[key], ours[key], where)
+        return found
+    return {} if theirs == ours else {path: (theirs, ours)}
+
+
+def annotate(front: Front, task: int, label: str = "a") -> dict[str, Any]:
+    """An annotation created through Label Studio's API, as its editor's Submit does."""
+    result = [{"from_name": "c", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+    return front.ls.api("POST", f"/api/tasks/{task}/annotations/", {"result": result, "lead_time": 3.5})
+
+
+def test_label_studio_refuses_other_internal_webhook_addresses(front: Front) -> None:
+    """The README's SSRF loosening lets Label Studio reach the gateway's address and nothing else
+    internal: loopback neighbours and the cloud metadata address stay banned."""
+    for url in ("http://127.0.0.2:9/hook", "http://169.254.169.254/computeMetadata/v1/", "http://10.0.0.1/hook"):
+        status, _, body = http(
+            f"{front.ls.url}/api/webhooks/",
+            "POST",
+            {"project": front.project, "url": url, "send_payload": True},
+            {"Authorization": f"Token {ADMIN_TOKEN}"},
+        )
+        assert status in (400, 403) and b"reserved network address" in body, (url, status, body[:300])
+
+
+def sync_label_studios_target(front: Front) -> None:
+    """Label Studio's own Sync of its target storage: every annotation written again, now."""
+    path = f"/api/storages/export/gcs/{front.ls_target_storage}"
+    before = front.ls.api("GET", path).get("last_sync")
+    front.ls.api("POST", f"{path}/sync")
+    wait_until(lambda: front.ls.api("GET", path).get("last_sync") not in (None, before), 60, "Label Studio's sync")
+
+
+def test_the_exported_annotation_equals_label_studios_own(front: Front) -> None:
+    """Field by field, an annotation Label Studio sent by webhook, as the gateway wrote it and as
+    Label Studio's own GCS target storage wrote it. On the annotation's save Label Studio writes
+    its object before the same request stamps the task's `updated_by`/`updated_at` (the webhook,
+    sent after, carries the stamped task); its Sync rewrites the object with the stamped task, and
+    then the two are equal in every field."""
+    annotation = annotate(front, front.tasks["img/a.jpg"])
+    theirs, ours = exported(front, f"{PREFIX}/{annotation['id']}")
+    assert isinstance(theirs["completed_by"], dict) and theirs["completed_by"]["email"] == ADMIN_EMAIL
+    assert set(field_differences(theirs, ours)) <= {"task.updated_at", "task.updated_by"}
+    assert ours["task"]["updated_by"] == theirs["completed_by"]["id"]
+
+    sync_label_studios_target(front)
+    theirs, ours = exported(front, f"{PREFIX}/{annotation['id']}")
+    assert field_differences(theirs, ours) == {}

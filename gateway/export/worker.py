@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from ..registry import RegistryUnavailable
 from ..registry.outbox import Delivery, Outbox
 from ..registry.sql import SqlTaskRegistry
 from ..storage import StorageError
+from .label_studio_object import LabelStudioUsers, UsersUnavailable, storage_object
 
 log = logging.getLogger("gateway.export")
 REPORT_EVERY = 1.0  # seconds between refreshes of the outbox gauges (gateway_export_pending, …)
@@ -51,6 +53,8 @@ class ExportWorker:
         self._wake = asyncio.Event()
         self._reported: set[str] = set()
         self._next_report = 0.0
+        ls = catalog.settings.label_studio
+        self.users = LabelStudioUsers(ls, lambda: catalog.session) if ls.url and ls.api_token else None
 
     def wake(self) -> None:
         self._wake.set()
@@ -127,16 +131,16 @@ class ExportWorker:
                 if target.can_delete_objects:
                     await backend.delete_object(key)
             else:
-                data = object_bytes(state.body)
+                data = object_bytes(await self._label_studio_object(state.body))
                 digest = base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS md5Hash, not security
                 if await backend.object_md5(key) == digest:
                     operation = "unchanged"
                 else:
                     await backend.put_object(key, data, "application/json")
-        except StorageError as exc:
+        except (StorageError, UsersUnavailable) as exc:
             metrics.EXPORT_WRITES.labels(target.id, operation, "failed").inc()
             retry_in = self._retry_in(delivery)
-            reason = exc.public_message or str(exc)
+            reason = (exc.public_message if isinstance(exc, StorageError) else None) or str(exc)
             log.warning(
                 "export of annotation %s to %s failed (%s); retry in %.1f s",
                 delivery.annotation_id,
@@ -148,6 +152,15 @@ class ExportWorker:
             return
         metrics.EXPORT_WRITES.labels(target.id, operation, "ok").inc()
         await self.outbox.delivered(delivery, self.name, state.version)
+
+    async def _label_studio_object(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What Label Studio's own target storage writes; `completed_by` stays the id when no
+        `[label_studio] api_token` is configured."""
+        completed_by = body.get("completed_by")
+        user = completed_by if isinstance(completed_by, dict) else None  # already expanded
+        if self.users is not None and isinstance(completed_by, int) and not isinstance(completed_by, bool):
+            user = await self.users.get(completed_by)
+        return storage_object(body, user, dt.datetime.now(dt.UTC))
 
     def _retry_in(self, delivery: Delivery) -> float:
         """Exponential backoff with jitter, capped at retry_max."""
