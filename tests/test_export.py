@@ -308,6 +308,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
         *,
         can_delete_objects: bool = True,
         json_extension: bool = False,
+        layout: str = "annotation",
         create_bucket: bool = True,
         webhooks: dict[str, Any] | None = None,
         export: dict[str, Any] | None = None,
@@ -324,6 +325,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             "prefix": "annotations",
             "can_delete_objects": can_delete_objects,
             "json_extension": json_extension,
+            "layout": layout,
         }
         root = None
         if kind == "local":
@@ -355,6 +357,38 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
 
 
 # -- round trip --------------------------------------------------------------------------------
+
+
+async def test_the_per_task_layout_keeps_one_object_per_task(export_world):
+    """Label Studio's FUTURE_SAVE_TASK_TO_STORAGE layout: `<prefix><task id>.json`, the task with
+    every annotation of it. Annotations of one task arriving at once (written by concurrent
+    deliveries of one worker) all end up in the object; an update replaces its annotation; a
+    delete rewrites the object without it, and the last one deletes the object."""
+    world = await export_world(layout="task", json_extension=True, export={"concurrency": 8})
+    assert world.key(21) == "annotations/21.json"
+    await asyncio.gather(*(world.post(created(a, 21)) for a in range(2101, 2106)), world.post(created(2201, 22)))
+    obj = await world.content(21)
+    assert [a["id"] for a in obj["annotations"]] == list(range(2101, 2106))
+    assert all(a["task"] == 21 and a["completed_by"] == 1 for a in obj["annotations"])  # no api_token: the id
+    assert obj["id"] == 21 and obj["data"] == ls_task(21)["data"] and obj["drafts"] == obj["predictions"] == []
+    assert "is_labeled" not in obj and "overlap" not in obj
+    assert [a["id"] for a in (await world.content(22))["annotations"]] == [2201]
+    assert sorted(await world.keys()) == ["annotations/21.json", "annotations/22.json"]
+
+    await world.post(updated(2103, 21, "Dog"))
+    obj = await world.content(21)
+    assert [a["result"][0]["value"]["choices"] for a in obj["annotations"]] == [
+        ["Cat"],
+        ["Cat"],
+        ["Dog"],
+        ["Cat"],
+        ["Cat"],
+    ]
+    await world.post(deleted(2101, 2102))
+    assert [a["id"] for a in (await world.content(21))["annotations"]] == [2103, 2104, 2105]
+    await world.post(deleted(2201))
+    assert await world.content(22) is None
+    assert await world.keys() == ["annotations/21.json"]
 
 
 @pytest.mark.parametrize("kind", ["gcs", "local"])

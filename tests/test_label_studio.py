@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +50,20 @@ ADMIN_EMAIL, ADMIN_PASSWORD = "admin@example.com", "admin-password-123"
 OUTSIDER_EMAIL, OUTSIDER_PASSWORD = "outsider@example.com", "outsider-password-123"
 ADMIN_TOKEN = "0123456789abcdef0123456789abcdef01234567"  # Label Studio's legacy API token
 IMAGE = os.urandom(200_000)
+
+
+def png(width: int, height: int) -> bytes:
+    """A real image (solid colour) for the pages that render one."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = b"".join(b"\x00" + bytes((200, 40, 40)) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+PICTURE = png(320, 240)
 WEBHOOK_SECRET = "webhook-secret-for-the-drop-in-tests"
 PREFIX = "annotations"  # the same prefix for Label Studio's own target storage and the gateway's
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"]
@@ -285,6 +301,7 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
     emulator.create_bucket(bucket)
     for key in ("img/a.jpg", "img/b.jpg"):
         emulator.upload(bucket, key, IMAGE, "image/jpeg")
+    emulator.upload(bucket, "img/c.png", PICTURE, "image/png")
     emulator.upload(bucket, "private/secret.jpg", b"no task references this", "image/jpeg")
 
     ls = LabelStudio(directory / "ls", emulator)
@@ -295,7 +312,7 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
         session = ls.enable_api_tokens()
         project, listed = ls.synced_project(bucket, "img")
         tasks = {t["data"]["image"].removeprefix(f"gs://{bucket}/"): t["id"] for t in listed}
-        assert sorted(tasks) == ["img/a.jpg", "img/b.jpg"], listed
+        assert sorted(tasks) == ["img/a.jpg", "img/b.jpg", "img/c.png"], listed
         ls.manage(
             f"""
             from organizations.models import Organization
@@ -308,8 +325,8 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
         )
         outsider = ls.login(OUTSIDER_EMAIL, OUTSIDER_PASSWORD)
         ls_target, gateway_target = f"{bucket}-ls-target", f"{bucket}-gw-target"
-        emulator.create_bucket(ls_target)
-        emulator.create_bucket(gateway_target)
+        for name in (ls_target, gateway_target, f"{ls_target}-tasks", f"{gateway_target}-tasks"):
+            emulator.create_bucket(name)
         # Label Studio's own GCS target storage, beside the gateway's: the two objects are compared.
         target = ls.api("POST", "/api/storages/export/gcs", {"project": project, "bucket": ls_target, "prefix": PREFIX})
 
@@ -338,6 +355,14 @@ def front(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Itera
                 bucket = "{gateway_target}"
                 prefix = "{PREFIX}"
                 can_delete_objects = true
+                [[export_storages]]
+                id = "tasks"
+                project = "{project}"
+                type = "gcs"
+                bucket = "{gateway_target}-tasks"
+                prefix = "{PREFIX}"
+                layout = "task"
+                json_extension = true
                 [[storages]]
                 id = "label-studio-media"
                 project = "{project}"
@@ -589,6 +614,19 @@ def test_a_browser_logs_in_through_the_front_and_gets_media_from_the_gateway(fro
             media = page.goto(front.resolve("img/a.jpg"))
             assert media is not None and media.status == 200 and media.body() == IMAGE
             assert "x-request-id" in media.headers  # the gateway's answer, with the browser's own session
+
+            # The gateway's viewer, through the same front, opened by Label Studio's session alone.
+            task = front.tasks["img/c.png"]
+            with page.expect_response(lambda r: "/resolve/" in r.url) as resolved:
+                page.goto(f"{front.front}/view/tasks/{task}")
+            assert resolved.value.status == 200 and resolved.value.body() == PICTURE
+            assert "x-request-id" in resolved.value.headers
+            page.wait_for_function("() => document.querySelector('#media img')?.naturalWidth === 320")
+            listing = page.request.get(f"{front.front}/view/tasks/{task}/media").json()
+            assert [(m["field"], m["kind"], m["name"]) for m in listing["media"]] == [("image", "image", "c.png")]
+            # Another task's listing is Label Studio's decision too: the outsider's session is refused.
+            refused = http(f"{front.front}/view/tasks/{task}/media", headers=session(front, "outsider"))
+            assert refused[0] == 403 and json.loads(refused[2])["error"] == "label_studio_denied"
         finally:
             browser.close()
 
@@ -664,4 +702,97 @@ def test_the_exported_annotation_equals_label_studios_own(front: Front) -> None:
 
     sync_label_studios_target(front)
     theirs, ours = exported(front, f"{PREFIX}/{annotation['id']}")
+    assert field_differences(theirs, ours) == {}
+
+
+def test_the_per_task_layout_equals_label_studios_own(front: Front) -> None:
+    """Label Studio's second layout (FUTURE_SAVE_TASK_TO_STORAGE: `<prefix>/<task id>.json`, the
+    task with all its annotations): two annotations of one task, sent by Label Studio's webhook,
+    against the object Label Studio's own GCS target storage writes in that layout (its own code,
+    run with the setting on, after both annotations)."""
+    task = front.tasks["img/b.jpg"]
+    first, second = annotate(front, task, "a"), annotate(front, task, "a")
+    key = f"{PREFIX}/{task}.json"
+
+    def both_in() -> bool:
+        status, body = download(front.emulator, f"{front.gateway_target}-tasks", key)
+        return status == 200 and [a["id"] for a in json.loads(body)["annotations"]] == [first["id"], second["id"]]
+
+    wait_until(both_in, 30, "the gateway's task object with both annotations")
+    front.ls.manage(
+        f"""
+        from django.test import override_settings
+        from io_storages.gcs.models import GCSExportStorage
+        from tasks.models import Annotation
+        storage = GCSExportStorage.objects.get(id={front.ls_target_storage})
+        storage.bucket = "{front.ls_target}-tasks"  # this write only; not saved
+        with override_settings(FUTURE_SAVE_TASK_TO_STORAGE=True, FUTURE_SAVE_TASK_TO_STORAGE_JSON_EXT=True):
+            storage.save_annotation(Annotation.objects.get(id={second["id"]}))
+        """
+    )
+    status, theirs = download(front.emulator, f"{front.ls_target}-tasks", key)
+    assert status == 200, theirs[:300]
+    _, ours = download(front.emulator, f"{front.gateway_target}-tasks", key)
+    theirs_json, ours_json = json.loads(theirs), json.loads(ours)
+    assert theirs_json["annotations"][0]["completed_by"]["email"] == ADMIN_EMAIL
+    assert field_differences(theirs_json, ours_json) == {}
+
+
+def test_an_annotator_labels_in_the_browser_and_the_export_equals_label_studios(front: Front) -> None:
+    """End to end, as an annotator and an admin use it: chromium logs in through the shipped front,
+    opens a task in Label Studio's labeling page, the image renders from the gateway, a rectangle
+    is drawn and submitted; Label Studio's own webhook brings the annotation to the gateway, whose
+    object in the target bucket equals the one Label Studio's own target storage writes."""
+    if not os.path.exists(CHROMIUM):
+        missing("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    task = front.tasks["img/c.png"]
+    allowed = front.checks("allowed") + front.checks("cached")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            media: list[tuple[int, bool]] = []
+            page.on(
+                "response", lambda r: "/resolve/" in r.url and media.append((r.status, "x-request-id" in r.headers))
+            )
+            page.goto(f"{front.front}/user/login/")
+            page.fill("#email", ADMIN_EMAIL)
+            page.fill("#password", ADMIN_PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(lambda url: "/user/login" not in url)
+
+            page.goto(f"{front.front}/projects/{front.project}/data?task={task}")
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('img')]"
+                ".some(i => i.src.includes('/resolve/') && i.complete && i.naturalWidth === 320)",
+                timeout=60_000,
+            )
+            assert media and all(status in (200, 304) and ours for status, ours in media), media
+            page.get_by_text("thing", exact=True).first.click()
+            stage = page.locator(".konvajs-content").first.bounding_box()
+            assert stage is not None
+            x, y, w, h = stage["x"], stage["y"], stage["width"], stage["height"]
+            page.mouse.move(x + w * 0.2, y + h * 0.2)
+            page.mouse.down()
+            page.mouse.move(x + w * 0.6, y + h * 0.7, steps=10)
+            page.mouse.up()
+            with page.expect_response(
+                lambda r: f"/api/tasks/{task}/annotations" in r.url and r.request.method == "POST"
+            ) as submitted:
+                page.get_by_role("button", name="Submit").first.click()
+            assert submitted.value.status == 201, submitted.value.text()[:300]
+            annotation = submitted.value.json()
+        finally:
+            browser.close()
+    assert (
+        front.checks("allowed") + front.checks("cached") > allowed
+    )  # the gateway decided, Label Studio's proxy did not serve
+    [box] = annotation["result"]
+    assert box["type"] == "rectanglelabels" and box["value"]["rectanglelabels"] == ["thing"]
+
+    sync_label_studios_target(front)
+    theirs, ours = exported(front, f"{PREFIX}/{annotation['id']}")
+    assert ours["result"] == annotation["result"]
     assert field_differences(theirs, ours) == {}

@@ -128,3 +128,25 @@ def timesince(then: dt.datetime, now: dt.datetime) -> str:
             break
         shown.append(f"{parts[i]}{NBSP}{names[i]}{'' if parts[i] == 1 else 's'}")
     return ", ".join(shown)
+
+
+# Label Studio's per-task object (its ExportDataSerializer) leaves these task fields out;
+# `file_upload` there is the uploaded file's name (absent for tasks imported from a storage), which
+# the webhook does not carry (it sends the upload's id).
+NOT_IN_LABEL_STUDIOS_TASK = ("overlap", "is_labeled", "precomputed_agreement", "annotations", "file_upload")
+
+
+def task_object(annotations: list[dict[str, Any]]) -> dict[str, Any]:
+    """Label Studio's per-task object (FUTURE_SAVE_TASK_TO_STORAGE) from the webhook annotations of
+    one task (each with its `task`, `completed_by` already expanded), in id order: the task as the
+    latest of them carries it, with every annotation as Label Studio's model has it (`task` its id).
+    `drafts` and `predictions` (id lists in Label Studio's object) are not in any webhook: [] here."""
+    ordered = sorted(annotations, key=lambda a: a.get("id") or 0)
+    latest = max(ordered, key=lambda a: str((a.get("task") or {}).get("updated_at") or ""))
+    task = latest.get("task") if isinstance(latest.get("task"), dict) else {}
+    body = {k: v for k, v in task.items() if k not in NOT_IN_LABEL_STUDIOS_TASK}
+    body["drafts"], body["predictions"] = [], []
+    body["annotations"] = [
+        {**a, "task": a["task"].get("id") if isinstance(a.get("task"), dict) else a.get("task")} for a in ordered
+    ]
+    return body
