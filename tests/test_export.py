@@ -314,6 +314,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
         export: dict[str, Any] | None = None,
         workers: bool = True,
         gcs_host: str | None = None,
+        label_studio: dict[str, Any] | None = None,
     ) -> World:
         bucket = f"export-{uuid.uuid4().hex[:12]}"
         target_id = f"t-{uuid.uuid4().hex[:8]}"
@@ -345,6 +346,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             ),
             export={"poll_interval": 0.05, "retry_base": 0.02, "retry_max": 0.2, **(export or {})},
             export_storages=[target],
+            **({"label_studio": label_studio} if label_studio else {}),
         )
         if gcs_host is not None:  # e.g. a port where GCS is not (yet) listening
             monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
@@ -706,6 +708,26 @@ async def _deliveries(world: World) -> list[tuple[str | None, int]]:
 
 
 # -- failures and recovery ---------------------------------------------------------------------
+
+
+async def test_annotators_that_label_studio_cannot_name_hold_the_write_back(export_world):
+    """With `[label_studio] api_token` set, the object names the annotator as Label Studio's own
+    does; while Label Studio cannot be asked (here: nothing listens at its URL), nothing is written
+    in another shape — the delivery fails, says why, and is retried."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    world = await export_world(label_studio={"url": nowhere, "api_token": "t" * 40, "timeout": 1.0})
+    await world.post(created(1201, 120))
+
+    async def failing() -> Any:
+        status = await world.status()
+        return status if status["failing"] == 1 else None
+
+    status = await eventually(failing, "the delivery to fail")
+    assert status["pending"] == 1 and "Label Studio cannot be asked who user 1 is" in status["last_error"]
+    assert "t" * 40 not in status["last_error"]
+    failed = writes(world.target, "upload", "failed")
+    await eventually(lambda: _bigger(lambda: writes(world.target, "upload", "failed"), failed), "a retry")
+    assert await world.keys() == []
 
 
 async def test_gcs_failing_then_recovering_delivers_every_annotation_once(export_world):
