@@ -133,7 +133,11 @@ class ExportWorker:
             if target.layout == "task":
                 operation, version = await self._write_task(target, backend, state, delivery.annotation_id)
             else:
-                body = None if state.deleted or state.body is None else await self._label_studio_object(state.body)
+                body = None
+                if state.deleted or state.body is None:  # the failure metric names what was tried
+                    operation = "delete" if target.can_delete_objects else "kept"
+                else:
+                    body = await self._label_studio_object(state.body)
                 operation = await _write(target, backend, target.object_key(delivery.annotation_id), body)
         except (StorageError, UsersUnavailable) as exc:
             metrics.EXPORT_WRITES.labels(target.id, operation, "failed").inc()
