@@ -661,6 +661,40 @@ async def test_an_update_during_an_upload_is_written_after_it(export_world):
     assert written[-1] == ["second"]
 
 
+class FirstHeld(GatedBackend):
+    """Only the first upload waits to be released; later ones (another worker's) go through."""
+
+    async def put_object(self, key: str, data: bytes, content_type: str) -> str:
+        if self.entered.is_set():
+            return await GatedBackend(self.inner, gate=False).put_object(key, data, content_type)
+        return await super().put_object(key, data, content_type)
+
+
+async def test_a_task_object_written_from_an_older_read_is_written_again(export_world):
+    """Per-task layout, two workers (as on two replicas): the first writes task 31's object from a
+    read that had one annotation and is held; meanwhile a second annotation arrives and the other
+    worker writes both; when the first write lands, the object would lack the second — so the
+    writer looks again and writes the object once more."""
+    world = await export_world(layout="task", json_extension=True)
+    inner = world.app[CATALOG].targets.backends[world.target]
+    held = FirstHeld(inner)
+    world.app[CATALOG].targets.backends[world.target] = held
+    await world.post(created(3101, 31))
+    await asyncio.wait_for(held.entered.wait(), 10)  # the app's worker: {3101}, held
+    await world.post(created(3102, 31))
+    other = ExportWorker(world.app[CATALOG])
+    assert await other.drain_once() == 1  # 3102's delivery: writes {3101, 3102}
+    stored = json.loads(await (await world.http.get(_media_url(world, world.key(31)))).read())
+    assert [a["id"] for a in stored["annotations"]] == [3101, 3102]
+    held.release.set()
+    obj = await world.content(31)  # the held write lands, then the object is written again
+    assert [a["id"] for a in obj["annotations"]] == [3101, 3102]
+
+
+def _media_url(world: World, key: str) -> str:
+    return f"{world.gcs}/storage/v1/b/{world.bucket}/o/{quote(key, safe='')}?alt=media"
+
+
 async def test_a_delivery_whose_lease_ran_out_while_waiting_is_given_back_untried(export_world):
     """Uploads one at a time, the first held: the others' leases run out while they wait their
     turn, so this worker gives them back instead of uploading what another may own by now."""
