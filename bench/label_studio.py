@@ -65,7 +65,7 @@ def label_studio_ranges(ctx: Context) -> ScenarioResult:
                 proxy_pass http://label_studio;
                 proxy_http_version 1.1;
                 proxy_set_header Connection "";
-                proxy_set_header Host $host;
+                proxy_set_header Host $http_host;
                 proxy_read_timeout 300s;
             }}
         }}

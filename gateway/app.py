@@ -37,6 +37,7 @@ from .state import (
     EXPORT_WORKER,
     FRONT,
     GUARD,
+    LABEL_STUDIO,
     LIMITER,
     READINESS,
     RECORDER,
@@ -97,6 +98,7 @@ def create_app(
     label_studio = (
         LabelStudioAuthority(settings.label_studio, lambda: app[CATALOG].session) if settings.label_studio.url else None
     )
+    app[LABEL_STUDIO] = label_studio  # the viewer asks the same authority (one cache, one rule)
     core = MediaCore(settings, app[GUARD], app[VERIFIER], app[TASKS], app[CATALOG], label_studio)
     service = MediaService(core, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
     cors = CorsPolicy(settings.cors)

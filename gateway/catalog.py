@@ -75,6 +75,7 @@ def target_from_row(row: dict[str, Any], vault: Vault) -> ExportStorageSettings:
         prefix=row["prefix"],
         can_delete_objects=row["can_delete_objects"],
         json_extension=row["json_extension"],
+        layout=row["layout"],
         google_application_credentials=credentials,
         google_project_id=row["google_project_id"],
         title=row["title"],

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, Settings, cidr_problem, load_settings, validate
+from .labelstudio_ssrf import label_studio_env
 from .tokens import mint_token
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -123,6 +124,15 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-cross-org-vpcs", action="store_true", help="allowCrossOrgVpcs: true (default false)"
     )
     ip_filter.set_defaults(command=cmd_ip_filter_config, vpc=[])
+
+    ssrf = sub.add_parser(
+        "label-studio-ssrf",
+        help="print Label Studio SSRF settings that let its webhooks reach the gateway and no other internal address",
+    )
+    ssrf.add_argument(
+        "--allow", action="append", required=True, help="the gateway's address as Label Studio reaches it"
+    )
+    ssrf.set_defaults(command=cmd_label_studio_ssrf)
 
     load = with_config(sub.add_parser("import", help="register Label Studio tasks from JSON/JSONL files"))
     load.add_argument("--project", required=True)
@@ -386,6 +396,16 @@ def cmd_ip_filter_config(args: argparse.Namespace) -> int:
         allow_cross_org_vpcs=args.allow_cross_org_vpcs,
     )
     print(json.dumps(document, indent=2))
+    return 0
+
+
+def cmd_label_studio_ssrf(args: argparse.Namespace) -> int:
+    try:
+        env = label_studio_env(args.allow)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    for name, value in env.items():
+        print(f"{name}={value}")
     return 0
 
 

@@ -197,6 +197,9 @@ class ExportSettings:
     retry_max: float = 300.0
 
 
+LAYOUTS = ("annotation", "task")  # Label Studio's target storage layouts
+
+
 @dataclass(frozen=True)
 class ExportStorageSettings:
     """A target storage (Label Studio's "Add Target Storage"): annotations written as JSON objects."""
@@ -208,6 +211,9 @@ class ExportStorageSettings:
     prefix: str = ""
     can_delete_objects: bool = False
     json_extension: bool = False  # `<prefix>/<annotation_id>.json` instead of Label Studio's `<prefix>/<id>`
+    # Label Studio's two layouts: "annotation" (`<prefix>/<annotation id>`, the annotation with its
+    # task) or "task" (FUTURE_SAVE_TASK_TO_STORAGE: `<prefix>/<task id>`, the task with its annotations)
+    layout: str = "annotation"
     google_application_credentials: str | None = field(default=None, repr=False)
     google_project_id: str | None = None
     root: str | None = None
@@ -220,8 +226,9 @@ class ExportStorageSettings:
         """Target storages created through the API have numeric ids; config-file ids never are."""
         return self.id.isdigit()
 
-    def object_key(self, annotation_id: int) -> str:
-        name = f"{annotation_id}.json" if self.json_extension else str(annotation_id)
+    def object_key(self, ident: int) -> str:
+        """The key of an annotation's object, or of a task's in the "task" layout."""
+        name = f"{ident}.json" if self.json_extension else str(ident)
         return f"{self.prefix}{name}"
 
 
@@ -246,6 +253,10 @@ class LabelStudioSettings:
     negative_cache_ttl: float = 5.0  # seconds a refusal is kept
     cache_size: int = 10000
     session_cookie: str = "sessionid"  # Label Studio's SESSION_COOKIE_NAME
+    # An API token of a Label Studio user who can see the annotators (an organisation admin): the
+    # export asks Label Studio for `completed_by`'s name and email, as its own target storage writes.
+    api_token: str | None = field(default=None, repr=False)
+    user_cache_ttl: float = 600.0  # seconds a looked-up user is kept
 
 
 @dataclass(frozen=True)
@@ -457,6 +468,8 @@ def _validate_target(s: ExportStorageSettings, where: str, base_dir: Path | None
     s = _checked_place(s, where)
     if s.presign:
         raise ConfigError(f"{where}.presign: not a setting of export storages")
+    if s.layout not in LAYOUTS:
+        raise ConfigError(f"{where}.layout: expected 'annotation' or 'task', got {s.layout!r}")
     return _resolved_root(s, where, base_dir)
 
 

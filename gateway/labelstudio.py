@@ -46,11 +46,17 @@ class Credential:
     value: str
     digest: str
 
+    @property
+    def subject(self) -> str:
+        """Who the access log names: the hash's prefix, never the credential itself."""
+        return f"label-studio:{self.digest[:16]}"
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
     project: str
     uris: frozenset[str]  # for a task: every gs:// URI its data references; empty for a project
+    fields: tuple[tuple[str, str], ...] = ()  # (data field, URI) pairs of those: the viewer's labels
 
 
 def credential_from(
@@ -103,6 +109,13 @@ def referenced_uris(data: Any) -> frozenset[str]:
             except BadFileUri:
                 continue
     return frozenset(found)
+
+
+def _task_grant(task: dict[str, Any]) -> Grant:
+    data = task.get("data")
+    fields = data.items() if isinstance(data, dict) else ()
+    by_field = tuple(sorted((str(name), uri) for name, value in fields for uri in referenced_uris(value)))
+    return Grant(str(task.get("project")), referenced_uris(data), by_field)
 
 
 def _strings(value: Any) -> list[str]:
@@ -161,10 +174,7 @@ class LabelStudioAuthority:
             return exc
         if status == 200 and isinstance(body, dict):
             metrics.LABEL_STUDIO_CHECKS.labels("allowed").inc()
-            if kind == "task":
-                grant = Grant(str(body.get("project")), referenced_uris(body.get("data")))
-            else:
-                grant = Grant(ident, frozenset())
+            grant = _task_grant(body) if kind == "task" else Grant(ident, frozenset())
             self._decisions[key] = grant
             return grant
         if status == 401 or 300 <= status < 400:  # 3xx: sent to the login page

@@ -10,6 +10,7 @@ from aiohttp import web
 from .acl import TaskCache, TokenVerifier
 from .catalog import StorageCatalog
 from .config import Settings
+from .labelstudio import LabelStudioAuthority
 from .netguard import ClientGuard, StreamLimiter
 from .registry.sql import SqlTaskRegistry
 
@@ -30,6 +31,7 @@ READINESS = web.AppKey("readiness", dict[str, Any])
 EXPORT_WORKER: web.AppKey[ExportWorker | None] = web.AppKey("export_worker")  # when running in-process
 RECORDER: web.AppKey[Recorder] = web.AppKey("recorder")  # annotation events, group-committed
 FRONT: web.AppKey[MediaFront] = web.AppKey("front")  # the fast lane's share of the app
+LABEL_STUDIO: web.AppKey[LabelStudioAuthority | None] = web.AppKey("label_studio")  # shared decisions
 SYNC_WORKER: web.AppKey[SyncWorker | None] = web.AppKey("sync_worker")  # when running in-process
 
 # Per-request facts the access log reports (never the token itself).

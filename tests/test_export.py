@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,6 +30,7 @@ from sqlalchemy import select
 
 from gateway import metrics
 from gateway.app import create_app
+from gateway.export.label_studio_object import storage_object
 from gateway.export.worker import ExportWorker, object_bytes
 from gateway.registry.outbox import Outbox
 from gateway.registry.sql import SqlTaskRegistry
@@ -306,11 +308,13 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
         *,
         can_delete_objects: bool = True,
         json_extension: bool = False,
+        layout: str = "annotation",
         create_bucket: bool = True,
         webhooks: dict[str, Any] | None = None,
         export: dict[str, Any] | None = None,
         workers: bool = True,
         gcs_host: str | None = None,
+        label_studio: dict[str, Any] | None = None,
     ) -> World:
         bucket = f"export-{uuid.uuid4().hex[:12]}"
         target_id = f"t-{uuid.uuid4().hex[:8]}"
@@ -322,6 +326,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             "prefix": "annotations",
             "can_delete_objects": can_delete_objects,
             "json_extension": json_extension,
+            "layout": layout,
         }
         root = None
         if kind == "local":
@@ -341,6 +346,7 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
             ),
             export={"poll_interval": 0.05, "retry_base": 0.02, "retry_max": 0.2, **(export or {})},
             export_storages=[target],
+            **({"label_studio": label_studio} if label_studio else {}),
         )
         if gcs_host is not None:  # e.g. a port where GCS is not (yet) listening
             monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_host)
@@ -353,6 +359,38 @@ async def export_world(registry_url, emulator, tmp_path, aiohttp_client, monkeyp
 
 
 # -- round trip --------------------------------------------------------------------------------
+
+
+async def test_the_per_task_layout_keeps_one_object_per_task(export_world):
+    """Label Studio's FUTURE_SAVE_TASK_TO_STORAGE layout: `<prefix><task id>.json`, the task with
+    every annotation of it. Annotations of one task arriving at once (written by concurrent
+    deliveries of one worker) all end up in the object; an update replaces its annotation; a
+    delete rewrites the object without it, and the last one deletes the object."""
+    world = await export_world(layout="task", json_extension=True, export={"concurrency": 8})
+    assert world.key(21) == "annotations/21.json"
+    await asyncio.gather(*(world.post(created(a, 21)) for a in range(2101, 2106)), world.post(created(2201, 22)))
+    obj = await world.content(21)
+    assert [a["id"] for a in obj["annotations"]] == list(range(2101, 2106))
+    assert all(a["task"] == 21 and a["completed_by"] == 1 for a in obj["annotations"])  # no api_token: the id
+    assert obj["id"] == 21 and obj["data"] == ls_task(21)["data"] and obj["drafts"] == obj["predictions"] == []
+    assert "is_labeled" not in obj and "overlap" not in obj
+    assert [a["id"] for a in (await world.content(22))["annotations"]] == [2201]
+    assert sorted(await world.keys()) == ["annotations/21.json", "annotations/22.json"]
+
+    await world.post(updated(2103, 21, "Dog"))
+    obj = await world.content(21)
+    assert [a["result"][0]["value"]["choices"] for a in obj["annotations"]] == [
+        ["Cat"],
+        ["Cat"],
+        ["Dog"],
+        ["Cat"],
+        ["Cat"],
+    ]
+    await world.post(deleted(2101, 2102))
+    assert [a["id"] for a in (await world.content(21))["annotations"]] == [2103, 2104, 2105]
+    await world.post(deleted(2201))
+    assert await world.content(22) is None
+    assert await world.keys() == ["annotations/21.json"]
 
 
 @pytest.mark.parametrize("kind", ["gcs", "local"])
@@ -623,6 +661,40 @@ async def test_an_update_during_an_upload_is_written_after_it(export_world):
     assert written[-1] == ["second"]
 
 
+class FirstHeld(GatedBackend):
+    """Only the first upload waits to be released; later ones (another worker's) go through."""
+
+    async def put_object(self, key: str, data: bytes, content_type: str) -> str:
+        if self.entered.is_set():
+            return await GatedBackend(self.inner, gate=False).put_object(key, data, content_type)
+        return await super().put_object(key, data, content_type)
+
+
+async def test_a_task_object_written_from_an_older_read_is_written_again(export_world):
+    """Per-task layout, two workers (as on two replicas): the first writes task 31's object from a
+    read that had one annotation and is held; meanwhile a second annotation arrives and the other
+    worker writes both; when the first write lands, the object would lack the second — so the
+    writer looks again and writes the object once more."""
+    world = await export_world(layout="task", json_extension=True)
+    inner = world.app[CATALOG].targets.backends[world.target]
+    held = FirstHeld(inner)
+    world.app[CATALOG].targets.backends[world.target] = held
+    await world.post(created(3101, 31))
+    await asyncio.wait_for(held.entered.wait(), 10)  # the app's worker: {3101}, held
+    await world.post(created(3102, 31))
+    other = ExportWorker(world.app[CATALOG])
+    assert await other.drain_once() == 1  # 3102's delivery: writes {3101, 3102}
+    stored = json.loads(await (await world.http.get(_media_url(world, world.key(31)))).read())
+    assert [a["id"] for a in stored["annotations"]] == [3101, 3102]
+    held.release.set()
+    obj = await world.content(31)  # the held write lands, then the object is written again
+    assert [a["id"] for a in obj["annotations"]] == [3101, 3102]
+
+
+def _media_url(world: World, key: str) -> str:
+    return f"{world.gcs}/storage/v1/b/{world.bucket}/o/{quote(key, safe='')}?alt=media"
+
+
 async def test_a_delivery_whose_lease_ran_out_while_waiting_is_given_back_untried(export_world):
     """Uploads one at a time, the first held: the others' leases run out while they wait their
     turn, so this worker gives them back instead of uploading what another may own by now."""
@@ -670,6 +742,26 @@ async def _deliveries(world: World) -> list[tuple[str | None, int]]:
 
 
 # -- failures and recovery ---------------------------------------------------------------------
+
+
+async def test_annotators_that_label_studio_cannot_name_hold_the_write_back(export_world):
+    """With `[label_studio] api_token` set, the object names the annotator as Label Studio's own
+    does; while Label Studio cannot be asked (here: nothing listens at its URL), nothing is written
+    in another shape — the delivery fails, says why, and is retried."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    world = await export_world(label_studio={"url": nowhere, "api_token": "t" * 40, "timeout": 1.0})
+    await world.post(created(1201, 120))
+
+    async def failing() -> Any:
+        status = await world.status()
+        return status if status["failing"] == 1 else None
+
+    status = await eventually(failing, "the delivery to fail")
+    assert status["pending"] == 1 and "Label Studio cannot be asked who user 1 is" in status["last_error"]
+    assert "t" * 40 not in status["last_error"]
+    failed = writes(world.target, "upload", "failed")
+    await eventually(lambda: _bigger(lambda: writes(world.target, "upload", "failed"), failed), "a retry")
+    assert await world.keys() == []
 
 
 async def test_gcs_failing_then_recovering_delivers_every_annotation_once(export_world):
@@ -837,7 +929,7 @@ async def test_redelivered_events_and_manual_sync_write_only_changes(export_worl
     assert writes(world.target, "unchanged") == unchanged + 2 * len(ids) - 1
     obj, _ = await world.read(1303)
     state = await world.outbox.state(1303)
-    assert object_bytes(obj) == object_bytes(state.body)
+    assert object_bytes(obj) == object_bytes(storage_object(state.body, None, datetime.now(UTC)))
 
 
 # -- load --------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ _DEFAULTS: dict[str, Any] = {
     "prefix": "",
     "can_delete_objects": False,
     "json_extension": False,
+    "layout": "annotation",
     "google_project_id": None,
 }
 _READ_ONLY = frozenset(
@@ -95,6 +96,7 @@ def represent(
         "prefix": storage.prefix,
         "can_delete_objects": storage.can_delete_objects,
         "json_extension": storage.json_extension,
+        "layout": storage.layout,
         "google_project_id": storage.google_project_id,
         # From the row when there is one: credentials this replica cannot decrypt are still set.
         "has_credentials": bool(row["credentials"] if row else storage.google_application_credentials),

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import strictjson
-from ..config import BUCKET_RE, StorageSettings, cidr_problem, normalize_prefix, parse_network
+from ..config import BUCKET_RE, LAYOUTS, StorageSettings, cidr_problem, normalize_prefix, parse_network
 from ..errors import Refused
 from ..keyfilter import FilterError, compile_filter
 from ..registry.sql import empty_counters
@@ -394,6 +394,11 @@ async def _checked(
             errors["regex_filter"] = str(exc)
     if "client_allowlist" in fields:
         _check_allowlist(fields["client_allowlist"], values, errors)
+    if "layout" in fields:
+        if fields["layout"] in LAYOUTS:
+            values["layout"] = fields["layout"]
+        else:
+            errors["layout"] = "expected 'annotation' or 'task'"
     if "data_key" in values and not values["data_key"].strip():
         errors["data_key"] = "must not be empty"
     if SECRET in fields:

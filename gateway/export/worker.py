@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -23,12 +24,15 @@ from typing import Any
 
 from .. import metrics
 from ..catalog import StorageCatalog
+from ..config import ExportStorageSettings
 from ..registry import RegistryUnavailable
-from ..registry.outbox import Delivery, Outbox
+from ..registry.outbox import AnnotationState, Delivery, Outbox
 from ..registry.sql import SqlTaskRegistry
-from ..storage import StorageError
+from ..storage import Backend, StorageError
+from .label_studio_object import LabelStudioUsers, UsersUnavailable, storage_object, task_object
 
 log = logging.getLogger("gateway.export")
+TASK_REWRITES = 4  # per-task layout: writes of one task object before leaving it to the next writer
 REPORT_EVERY = 1.0  # seconds between refreshes of the outbox gauges (gateway_export_pending, …)
 
 
@@ -51,6 +55,8 @@ class ExportWorker:
         self._wake = asyncio.Event()
         self._reported: set[str] = set()
         self._next_report = 0.0
+        ls = catalog.settings.label_studio
+        self.users = LabelStudioUsers(ls, lambda: catalog.session) if ls.url and ls.api_token else None
 
     def wake(self) -> None:
         self._wake.set()
@@ -118,25 +124,25 @@ class ExportWorker:
         if state is None:  # cannot happen: deliveries are written with their annotation
             await self.outbox.failed(delivery, self.name, "the annotation is unknown", self.settings.retry_max)
             return
-        key = target.object_key(delivery.annotation_id)
-        operation = "upload"
+        if target.layout == "task" and state.task_id is None:
+            await self.outbox.failed(delivery, self.name, "the annotation has no task", self.settings.retry_max)
+            return
+        operation, version = "upload", state.version
         try:
             backend = targets.backend(target)  # StorageUnavailable while its credentials cannot be used
-            if state.deleted or state.body is None:
-                operation = "delete" if target.can_delete_objects else "kept"
-                if target.can_delete_objects:
-                    await backend.delete_object(key)
+            if target.layout == "task":
+                operation, version = await self._write_task(target, backend, state, delivery.annotation_id)
             else:
-                data = object_bytes(state.body)
-                digest = base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS md5Hash, not security
-                if await backend.object_md5(key) == digest:
-                    operation = "unchanged"
+                body = None
+                if state.deleted or state.body is None:  # the failure metric names what was tried
+                    operation = "delete" if target.can_delete_objects else "kept"
                 else:
-                    await backend.put_object(key, data, "application/json")
-        except StorageError as exc:
+                    body = await self._label_studio_object(state.body)
+                operation = await _write(target, backend, target.object_key(delivery.annotation_id), body)
+        except (StorageError, UsersUnavailable) as exc:
             metrics.EXPORT_WRITES.labels(target.id, operation, "failed").inc()
             retry_in = self._retry_in(delivery)
-            reason = exc.public_message or str(exc)
+            reason = (exc.public_message if isinstance(exc, StorageError) else None) or str(exc)
             log.warning(
                 "export of annotation %s to %s failed (%s); retry in %.1f s",
                 delivery.annotation_id,
@@ -147,7 +153,45 @@ class ExportWorker:
             await self.outbox.failed(delivery, self.name, f"{operation} failed: {reason}", retry_in)
             return
         metrics.EXPORT_WRITES.labels(target.id, operation, "ok").inc()
-        await self.outbox.delivered(delivery, self.name, state.version)
+        await self.outbox.delivered(delivery, self.name, version)
+
+    async def _write_task(
+        self, target: ExportStorageSettings, backend: Backend, state: AnnotationState, annotation_id: int
+    ) -> tuple[str, int]:
+        """Label Studio's per-task layout: one object per task with all its annotations, written
+        again while an annotation of the task changed during the write (another worker or replica
+        may be writing the same object from an older read). The operation and the version of
+        `annotation_id` that the object holds."""
+        assert state.task_id is not None
+        operation, version = "unchanged", state.version
+        for _ in range(TASK_REWRITES):
+            known = await self.outbox.task_annotations(state.project, state.task_id)
+            live = [s.body for s in known.values() if not s.deleted and s.body is not None]
+            annotations = [await self._expanded(body) for body in live]
+            body = task_object(annotations) if annotations else None
+            operation = await _write(target, backend, target.object_key(state.task_id), body)
+            version = known[annotation_id].version if annotation_id in known else state.version
+            again = await self.outbox.task_annotations(state.project, state.task_id)
+            if {i: s.version for i, s in again.items()} == {i: s.version for i, s in known.items()}:
+                break
+        return operation, version
+
+    async def _user(self, completed_by: Any) -> dict[str, Any] | None:
+        """The annotator as Label Studio describes them, if known (already expanded, or looked up)."""
+        if isinstance(completed_by, dict):
+            return completed_by
+        if self.users is not None and isinstance(completed_by, int) and not isinstance(completed_by, bool):
+            return await self.users.get(completed_by)
+        return None
+
+    async def _expanded(self, body: dict[str, Any]) -> dict[str, Any]:
+        user = await self._user(body.get("completed_by"))
+        return body if user is None else {**body, "completed_by": user}
+
+    async def _label_studio_object(self, body: dict[str, Any]) -> dict[str, Any]:
+        """What Label Studio's own target storage writes; `completed_by` stays the id when no
+        `[label_studio] api_token` is configured."""
+        return storage_object(body, await self._user(body.get("completed_by")), dt.datetime.now(dt.UTC))
 
     def _retry_in(self, delivery: Delivery) -> float:
         """Exponential backoff with jitter, capped at retry_max."""
@@ -168,3 +212,19 @@ class ExportWorker:
         main.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await main
+
+
+async def _write(target: ExportStorageSettings, backend: Backend, key: str, body: dict[str, Any] | None) -> str:
+    """Put `body` at `key` unless the stored object already has these bytes (same MD5); None
+    deletes the object when the target storage may delete, else keeps it. The operation done."""
+    if body is None:
+        if target.can_delete_objects:
+            await backend.delete_object(key)
+            return "delete"
+        return "kept"
+    data = object_bytes(body)
+    digest = base64.b64encode(hashlib.md5(data).digest()).decode()  # GCS md5Hash, not security
+    if await backend.object_md5(key) == digest:
+        return "unchanged"
+    await backend.put_object(key, data, "application/json")
+    return "upload"

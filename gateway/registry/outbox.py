@@ -40,6 +40,8 @@ class AnnotationState:
     version: int
     body: dict[str, Any] | None
     deleted: bool
+    task_id: int | None = None
+    project: str = ""
 
 
 def _pending(now: float) -> Any:
@@ -194,8 +196,18 @@ class Outbox:
     async def state(self, annotation_id: int) -> AnnotationState | None:
         a = annotations_table.c
         async with self.registry._connect() as conn:
-            row = (await conn.execute(select(a.version, a.body, a.deleted).where(a.id == annotation_id))).one_or_none()
-        return None if row is None else AnnotationState(row.version, row.body, row.deleted)
+            query = select(a.version, a.body, a.deleted, a.task_id, a.project).where(a.id == annotation_id)
+            row = (await conn.execute(query)).one_or_none()
+        return None if row is None else AnnotationState(row.version, row.body, row.deleted, row.task_id, row.project)
+
+    async def task_annotations(self, project: str, task_id: int) -> dict[int, AnnotationState]:
+        """Every annotation the gateway knows of one task (deleted ones included), by id: what a
+        target storage in Label Studio's per-task layout writes as one object."""
+        a = annotations_table.c
+        query = select(a.id, a.version, a.body, a.deleted).where(a.project == project, a.task_id == task_id)
+        async with self.registry._connect() as conn:
+            rows = (await conn.execute(query.order_by(a.id))).all()
+        return {row.id: AnnotationState(row.version, row.body, row.deleted, task_id, project) for row in rows}
 
     @_to_the_end
     async def delivered(self, delivery: Delivery, worker: str, version: int) -> None:

@@ -130,6 +130,7 @@ export_storages_table = Table(
     Column("prefix", Text, nullable=False, server_default=""),
     Column("can_delete_objects", Boolean, nullable=False),
     Column("json_extension", Boolean, nullable=False),
+    Column("layout", String(16), nullable=False, server_default="annotation"),
     Column("credentials", Text, nullable=True),  # encrypted (gateway/vault.py), never returned
     Column("google_project_id", String(255), nullable=True),
     Column("created_at", Float, nullable=False),
@@ -151,6 +152,7 @@ annotations_table = Table(
     Column("deleted", Boolean, nullable=False),
     Column("updated_at", Float, nullable=False),
     Index("ix_annotations_project", "project"),
+    Index("ix_annotations_task", "project", "task_id"),  # a task's annotations (the per-task layout)
 )
 
 deliveries_table = Table(
