@@ -199,7 +199,7 @@ class MediaCore:
         if self.label_studio is not None:
             credential = credential_from(request.headers, request.cookies, self._label_studio_settings, token)
         if credential is not None:  # the label_studio authenticator: Label Studio decides
-            facts.sub = f"label-studio:{credential.digest[:16]}"  # never the credential itself
+            facts.sub = credential.subject  # never the credential itself
             uri = parse_fileuri(request.query.get("fileuri"))
             kind, ident = ("task", str(task_id)) if task_id is not None else ("project", str(request.project))
             grant = facts.grant

@@ -84,7 +84,7 @@ storage_objects_table = Table(
     Column("object_key", KEY, primary_key=True),
     Column("generation", String(64), nullable=True),
     Column("task_count", Integer, nullable=False, server_default="0"),
-    Column("row_errors", Integer, nullable=False, server_default="0"),  # bad rows of a task file (migration 0007)
+    Column("row_errors", Integer, nullable=False, server_default="0"),  # bad rows of a task file (migration 0008)
 )
 
 ACTIVE = ("queued", "running")
