@@ -83,7 +83,7 @@ class RequestRecorder(AbstractAccessLogger):
         transport = request.transport
         answered = getattr(transport.get_protocol(), "aiohttp_answered", None) if transport is not None else None
         if answered is not None:  # gateway/fastlane.py in front: it may take the connection back
-            answered()
+            answered(response.keep_alive)
         if self._access_log is None:
             try:
                 app = getattr(request, "app", None)

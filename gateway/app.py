@@ -21,7 +21,7 @@ from .cors import CorsPolicy, add_cors
 from .errors import Refused
 from .fastlane import MediaFront
 from .labelstudio import LabelStudioAuthority
-from .media.answers import Answer, error_answer, refusal_answer
+from .media.answers import Answer, error_answer, refusal_answer, registry_answer, storage_error_answer
 from .media.core import MediaCore
 from .media.service import MediaService
 from .netguard import ClientGuard, StreamLimiter
@@ -57,8 +57,6 @@ from .web import add_web_routes
 log = logging.getLogger("gateway")
 
 PROBE_ROUTES = frozenset({"healthz", "readyz"})  # load balancer probes: never behind the client allowlist
-# The media core applies the client allowlist itself (both lanes), in its order of checks.
-_UNGUARDED = PROBE_ROUTES | MEDIA_ROUTES
 
 
 def create_app(
@@ -201,7 +199,9 @@ async def gateway_middleware(
         guard = request.app.get(GUARD)
         if guard is not None:
             request[CLIENT] = client = guard.client(request.remote, request.headers)
-            if guard.allowed and route_name(request) not in _UNGUARDED:
+            route = route_name(request)
+            media = route in MEDIA_ROUTES and request.method in ("GET", "HEAD")  # the core admits those
+            if guard.allowed and not media and route not in PROBE_ROUTES:
                 guard.admit(client)
         return await handler(request)
     except Refused as exc:
@@ -212,10 +212,10 @@ async def gateway_middleware(
         return json_error(400, "bad_fileuri", str(exc))
     except StorageError as exc:
         request[ERROR] = exc.reason
-        return json_error(exc.status, exc.reason, exc.public_message or str(exc))
+        return _response(storage_error_answer(exc))
     except RegistryUnavailable:  # logged once per outage by the registry, not once per request
         request[ERROR] = "registry_unavailable"
-        return json_error(503, "registry_unavailable", "the task registry cannot be reached; retry")
+        return _response(registry_answer())
     except web.HTTPException as exc:
         if exc.empty_body or exc.status < 400:
             raise

@@ -89,6 +89,7 @@ class MediaFront:
         self.tick_period = min(settings.head_timeout, settings.keepalive_timeout, settings.send_timeout)
         self._date = (0, "")
         self.connections: set[FastLane] = set()
+        self.stopping = False  # shutting down: no connection is taken back from aiohttp
 
     def parser(self, protocol: asyncio.Protocol) -> HttpRequestParser:
         s = self.settings
@@ -180,7 +181,8 @@ class MediaFront:
     async def stop(self, timeout: float) -> None:
         """On shutdown: close idle connections at once, let answers in progress finish for up to
         `timeout` seconds (as aiohttp's shutdown does for its own), then close what is left.
-        Connections handed to aiohttp are aiohttp's to shut down."""
+        Connections handed to aiohttp are aiohttp's to shut down (none is taken back from now on)."""
+        self.stopping = True
         own = [c for c in self.connections if not c.forwarding]
         busy = [c.busy for c in own if c.busy is not None]
         for connection in own:
@@ -203,6 +205,7 @@ class FastLane(asyncio.Protocol):
         self._aiohttp_protocol = aiohttp_protocol
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already searched for a head's end
         self._parser: HttpRequestParser | None = None
         self._aiohttp: asyncio.Protocol | None = None  # once handed over: aiohttp's protocol
         self._tracker: httptools.HttpRequestParser | None = None  # request boundaries after the hand-over
@@ -297,11 +300,15 @@ class FastLane(asyncio.Protocol):
         buffer, transport, front = self._buffer, self._transport, self._front
         assert transport is not None
         while buffer and not self.paused and self.busy is None and not self._lost and self._aiohttp is None:
-            end = buffer.find(b"\r\n\r\n")
+            start = max(0, self._scanned - 3)  # a head's end may straddle what was scanned and what came
+            end = buffer.find(b"\r\n\r\n", start)
             if end < 0:
-                if len(buffer) > front._max_head or b"\n\n" in buffer:  # aiohttp answers 400 by the same limits
+                bare_lf = buffer.find(b"\n\n", max(0, self._scanned - 1)) >= 0
+                self._scanned = len(buffer)
+                if len(buffer) > front._max_head or bare_lf:  # aiohttp answers 400 by the same limits
                     self._hand_over()
                 return
+            self._scanned = 0  # the next head starts at the buffer's start once this one is taken
             size = end + 4
             try:
                 taken = front.take(self._parser, bytes(buffer[:size]), self._peer)  # type: ignore[arg-type]
@@ -433,8 +440,15 @@ class FastLane(asyncio.Protocol):
             await self._drain
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        """Close after what is queued is sent — within `send_timeout`: a client that reads nothing
+        must not keep a closing connection (and its place under `max_connections`) forever."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._timer_kind = ""
+            self._arm("send", self._settings.send_timeout)
 
     def _wake(self) -> None:
         drain, self._drain = self._drain, None
@@ -449,6 +463,7 @@ class FastLane(asyncio.Protocol):
         assert transport is not None
         protocol = self._aiohttp = self._aiohttp_protocol()
         self._parser = None
+        self._scanned = 0
         self._tracker = httptools.HttpRequestParser(self)
         self._forwarded = self._answered = 0
         self._in_message = False
@@ -486,10 +501,15 @@ class FastLane(asyncio.Protocol):
         self._forwarded += 1
 
     # -- taking the connection back once aiohttp has answered everything it was given
-    def aiohttp_answered(self) -> None:
+    def aiohttp_answered(self, keep_alive: bool) -> None:
         """aiohttp finished an answer on this connection (gateway/access.py calls this from its
-        access logger, the last thing aiohttp does for a response)."""
+        access logger, the last thing aiohttp does for a response). An answer after which aiohttp
+        closes the connection (`Connection: close`, HTTP/1.0, a 400 for a head it could not read)
+        leaves the connection aiohttp's, to close."""
         self._answered += 1
+        if not keep_alive or self._front.stopping:
+            self._tracker = None  # never taken back
+            return
         self._loop.call_soon(self._take_back)
 
     def _take_back(self) -> None:
@@ -513,11 +533,13 @@ class FastLane(asyncio.Protocol):
         protocol.transport = None  # type: ignore[attr-defined]  # so that forgetting it does not close it
         protocol.connection_lost(None)
         self._parser = self._front.parser(self)
+        self._scanned = 0
+        transport.resume_reading()  # whatever aiohttp's flow control left it at
         self._idle()
 
     # -- timers: one per connection, for whichever deadline applies now. Arming and disarming only
     # write the deadline (they happen twice per request); the one timer fires at least every
-    # `_tick_period` seconds — no longer than the shortest timeout — and checks it, so a deadline
+    # `tick_period` seconds — no longer than the shortest timeout — and checks it, so a deadline
     # is never late and a busy connection creates no timer per request.
     def _idle(self) -> None:
         self._arm("idle", self._settings.keepalive_timeout)
@@ -554,7 +576,7 @@ class FastLane(asyncio.Protocol):
         if self._transport is None:
             return
         if kind == "idle":
-            self._transport.close()
+            self.close()
         else:
             metrics.CONNECTIONS_TIMED_OUT.labels(kind).inc()
             self._transport.abort()

@@ -1,10 +1,10 @@
 """The media routes on aiohttp: `/tasks/{id}/resolve/` and `/projects/{id}/resolve/`.
 
 Only framing lives here. What to answer is `MediaService.prepare`'s (gateway/media/): the same
-decisions, needs and downloads as the fast lane's (gateway/fastlane.py), which answers most media
-requests on `gateway serve`; aiohttp answers those the fast lane hands over (CORS preflights, a
-request with a body, `Connection: close`, HTTP/1.0, a connection that started on another route),
-and every request in servers without the fast lane (the test client).
+decisions, needs and downloads as the fast lane's (gateway/fastlane.py), which frames media GETs
+and HEADs on `gateway serve`; aiohttp answers the media requests the fast lane hands over (HTTP/1.0,
+a request with a body, `Expect`, one pipelined behind a request of aiohttp's), and every request in
+servers without the fast lane (the test client).
 """
 
 from __future__ import annotations

@@ -297,3 +297,34 @@ def test_the_default_per_subject_stream_cap_is_bounded():
     from gateway.config import LimitSettings
 
     assert 0 < LimitSettings().max_streams_per_subject < LimitSettings().max_streams
+
+
+# Review findings: a slot kept by a request decided again; aiohttp's close decision respected -----
+
+
+@pytest.mark.parametrize("through", ["fast", "aiohttp"])
+async def test_a_vanished_object_answers_404_and_keeps_no_stream_slot(lane, through):  # noqa: F811
+    assert (await lane.through_fast_lane(lane.request("page", method="HEAD"), head_request=True)).status == 200
+    lane.emulator.delete(lane.bucket, "pages/page.html")  # type: ignore[attr-defined]
+    send = lane.through_fast_lane if through == "fast" else lane.through_aiohttp
+    answer = await send(lane.request("page"))
+    assert answer.status == 404 and json.loads(answer.body)["error"] == "not_found"
+    assert lane.app[LIMITER].active == 0 and lane.app[LIMITER].by_subject == {}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nHost: g\r\n\r\n",
+    ],
+    ids=["Connection: close", "HTTP/1.0"],
+)
+async def test_a_connection_aiohttp_closes_is_not_taken_back(lane, request_bytes):  # noqa: F811
+    connection = await lane.connect()
+    try:
+        await connection.send(request_bytes)
+        head = await asyncio.wait_for(connection.reader.read(), 10)  # the whole answer, then the close
+        assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")) and b'"status": "ok"' in head
+    finally:
+        connection.close()

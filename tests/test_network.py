@@ -279,6 +279,21 @@ async def test_global_allowlist_refuses_before_any_token_work(tmp_path, aiohttp_
     assert (await client.get("/readyz")).status == 200
 
 
+async def test_global_allowlist_refuses_cors_preflights_of_media_routes_too(tmp_path, aiohttp_client):
+    """The media core admits GET and HEAD; a preflight on a media route is the middleware's to refuse."""
+    world = await local_gateway(
+        tmp_path,
+        aiohttp_client,
+        network={"client_allowlist": ["192.0.2.0/24"]},
+        cors={"origins": ["https://labels.example"]},
+    )
+    preflight = await world.client.options(
+        world.url(KEY), headers={"Origin": "https://labels.example", "Access-Control-Request-Method": "GET"}
+    )
+    await refusal(preflight, 403, "ip_not_allowed")
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+
+
 async def test_global_allowlist_admits_listed_clients(tmp_path, aiohttp_client):
     world = await local_gateway(tmp_path, aiohttp_client, network={"client_allowlist": ["10.0.0.0/8", "127.0.0.0/8"]})
     response = await world.client.get(world.url(KEY), headers=world.auth())

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import metrics
 from ..errors import Refused
+from ..storage.base import StorageError
 
 SEE_OTHER = b"See Other\n"
 SERVER = "media-gateway"  # the product without versions, which only help attackers
@@ -45,7 +46,6 @@ def error_answer(
     *,
     details: dict[str, Any] | None = None,
     sub: str | None = None,
-    mode: str = "proxy",
 ) -> Answer:
     """The gateway's JSON error: `{"error": reason, "message": …}` plus details; a 401 carries the
     RFC 6750 challenge."""
@@ -54,14 +54,23 @@ def error_answer(
     if status == 401:
         fields["WWW-Authenticate"] = _challenge(reason, message)
     fields["Content-Type"] = JSON_TYPE
-    return Answer(status, fields, body, len(body), mode, sub, reason)
+    return Answer(status, fields, body, len(body), "proxy", sub, reason)
 
 
-def refusal_answer(exc: Refused, sub: str | None = None, mode: str = "proxy") -> Answer:
+def refusal_answer(exc: Refused, sub: str | None = None) -> Answer:
     """A refusal, counted as an authentication failure when it is one (401, 403)."""
     if exc.status in (401, 403):
         metrics.AUTH_FAILURES.labels(exc.reason).inc()
-    return error_answer(exc.status, exc.reason, exc.message, exc.headers, details=exc.details, sub=sub, mode=mode)
+    return error_answer(exc.status, exc.reason, exc.message, exc.headers, details=exc.details, sub=sub)
+
+
+def storage_error_answer(exc: StorageError, sub: str | None = None) -> Answer:
+    """Storage failed or refused (its status: 404, 502, 503, 504), in words fit for the client."""
+    return error_answer(exc.status, exc.reason, exc.public_message or str(exc), sub=sub)
+
+
+def registry_answer() -> Answer:
+    return error_answer(503, "registry_unavailable", "the task registry cannot be reached; retry")
 
 
 def _challenge(reason: str, message: str) -> str:

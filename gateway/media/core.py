@@ -41,7 +41,7 @@ from ..registry import TaskAccess
 from ..signer import SignedUrlCache
 from ..storage import Backend, ObjectMeta, StorageError
 from ..uris import BadFileUri, GsUri, parse_fileuri
-from .answers import SEE_OTHER, Answer, error_answer, refusal_answer
+from .answers import SEE_OTHER, Answer, error_answer, refusal_answer, storage_error_answer
 
 _ACTIVE_TYPES = ("html", "xml", "javascript", "ecmascript")
 _HEADER_SAFE = re.compile(r"[\x20-\x7e]*")  # visible ASCII and space: what every lane writes as is
@@ -188,7 +188,7 @@ class MediaCore:
         except BadFileUri as exc:
             return error_answer(400, "bad_fileuri", str(exc), sub=facts.sub)
         except StorageError as exc:  # e.g. a storage whose backend cannot be built on this replica
-            return error_answer(exc.status, exc.reason, exc.public_message or str(exc), sub=facts.sub)
+            return storage_error_answer(exc, facts.sub)
 
     def _decide(self, request: MediaRequest, facts: Facts) -> Outcome:
         if self._guard.allowed:

@@ -24,7 +24,7 @@ from ..registry import RegistryUnavailable
 from ..signer import SigningError, sign_url
 from ..storage import ObjectReader, StorageError, storage_endpoint
 from ..storage.base import ObjectNotFound, RangeNotSatisfiable
-from .answers import Answer, error_answer, refusal_answer
+from .answers import Answer, error_answer, refusal_answer, registry_answer, storage_error_answer
 from .core import (
     Facts,
     MediaCore,
@@ -91,10 +91,9 @@ class MediaService:
             except Refused as exc:
                 return refusal_answer(exc, facts.sub)
             except StorageError as exc:
-                return error_answer(exc.status, exc.reason, exc.public_message or str(exc), sub=facts.sub)
-            except RegistryUnavailable:
-                log.exception("registry unavailable")
-                return error_answer(503, "registry_unavailable", "the task registry cannot be reached; retry")
+                return storage_error_answer(exc, facts.sub)
+            except RegistryUnavailable:  # logged once per outage by the registry
+                return registry_answer()
             outcome = None
         return error_answer(503, "object_changing", "the object changed while it was being read; retry", sub=facts.sub)
 
@@ -129,8 +128,9 @@ class MediaService:
         upstream request yields metadata and bytes) and a stream slot is free, else from stat."""
         facts.metadata_hit = False
         storage, backend, uri = need.storage, need.backend, need.uri
-        if need.open_range is not False and self.limiter.admits(facts.sub or ""):
-            facts.slot = self.limiter.slot(facts.sub or "")
+        if need.open_range is not False and (facts.slot is not None or self.limiter.admits(facts.sub or "")):
+            if facts.slot is None:  # a request decided again (its object changed) keeps the slot it has
+                facts.slot = self.limiter.slot(facts.sub or "")
             try:
                 reader = await backend.open(uri.key, need.open_range)  # type: ignore[arg-type]
             except RangeNotSatisfiable:
