@@ -174,6 +174,12 @@ def check_allowlist(allowed: AddressSet, client: IPAddress | None, reason: str, 
     raise Refused(403, reason, f"{who}{scope}")
 
 
+def admit_to_storage(storage_id: str, allowlist: tuple[str, ...], client: IPAddress | None) -> None:
+    """A storage's own `client_allowlist` (checked once the token and the task have named it)."""
+    if allowlist:
+        check_allowlist(AddressSet.of(allowlist), client, "ip_not_allowed_for_storage", f" for storage {storage_id}")
+
+
 class StreamLimiter:
     """Concurrent media streams per process and per token subject; refuses beyond the caps.
 

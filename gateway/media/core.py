@@ -36,7 +36,7 @@ from ..config import Settings, StorageSettings
 from ..errors import Refused, unauthorized
 from ..httpsem import ByteRange, Plan, content_disposition, format_http_date, is_conditional, parse_range, plan_response
 from ..labelstudio import Credential, Grant, LabelStudioAuthority, credential_from
-from ..netguard import AddressSet, ClientGuard, IPAddress, check_allowlist
+from ..netguard import ClientGuard, IPAddress, admit_to_storage
 from ..registry import TaskAccess
 from ..signer import SignedUrlCache
 from ..storage import Backend, ObjectMeta, StorageError
@@ -241,9 +241,7 @@ class MediaCore:
         return self._serve(request, facts, storage, uri)
 
     def _serve(self, request: MediaRequest, facts: Facts, storage: StorageSettings, uri: GsUri) -> Outcome:
-        if storage.client_allowlist:
-            allowed = AddressSet.of(storage.client_allowlist)
-            check_allowlist(allowed, request.client, "ip_not_allowed_for_storage", f" for storage {storage.id}")
+        admit_to_storage(storage.id, storage.client_allowlist, request.client)
         backend = self._catalog.backend(storage)
         sub = facts.sub or ""
         entry = facts.entry

@@ -15,7 +15,7 @@ from typing import Any
 from ..acl import storage_for_reference
 from ..config import StorageSettings
 from ..errors import Refused
-from ..netguard import AddressSet, ClientGuard, IPAddress, check_allowlist
+from ..netguard import ClientGuard, IPAddress, admit_to_storage
 from ..registry import TaskAccess
 from ..signer import Signer
 from ..uris import BadFileUri, GsUri, parse_gs_uri
@@ -77,9 +77,7 @@ def _admission(guard: ClientGuard, storage: StorageSettings, client: IPAddress |
     try:
         if guard.allowed:
             guard.admit(client)
-        if storage.client_allowlist:
-            allowed = AddressSet.of(storage.client_allowlist)
-            check_allowlist(allowed, client, "ip_not_allowed_for_storage", f" for storage {storage.id}")
+        admit_to_storage(storage.id, storage.client_allowlist, client)
     except Refused as exc:
         return {"address": address, "allowed": False, "reason": exc.reason, "message": exc.message}
     return {"address": address, "allowed": True}
