@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from .config import CorsSettings
+from .media.answers import error_answer
 
 ALLOW_METHODS = "GET, HEAD, OPTIONS"
 ALLOW_HEADERS = (
@@ -66,7 +67,8 @@ def add_cors(app: web.Application, cors: CorsSettings, route_names: Iterable[str
         origin = policy.allowed(request.headers.get("Origin"))
         method = request.headers.get("Access-Control-Request-Method", "")
         if origin is None or method not in ("GET", "HEAD"):
-            return web.json_response({"error": "cors_refused", "message": "origin or method not allowed"}, status=403)
+            refused = error_answer(403, "cors_refused", "origin or method not allowed")
+            return web.Response(status=refused.status, body=refused.body, headers=refused.headers)
         headers = _credentials(origin) | {
             "Vary": "Origin",
             "Access-Control-Allow-Methods": ALLOW_METHODS,

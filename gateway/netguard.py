@@ -196,22 +196,28 @@ class StreamLimiter:
         self.by_subject: dict[str, int] = {}
         self._last_shed: float | None = None
 
+    def _cap_reached(self, subject: str) -> str | None:
+        """Which cap a new stream of `subject` would exceed: "process", "subject", or None."""
+        limits = self._limits
+        if limits.max_streams and self.active >= limits.max_streams:
+            return "process"
+        if limits.max_streams_per_subject and self.by_subject.get(subject, 0) >= limits.max_streams_per_subject:
+            return "subject"
+        return None
+
     def admits(self, subject: str) -> bool:
         """Whether `slot(subject)` would be given now (asked without counting a refusal)."""
-        limits = self._limits
-        return not (limits.max_streams and self.active >= limits.max_streams) and not (
-            limits.max_streams_per_subject and self.by_subject.get(subject, 0) >= limits.max_streams_per_subject
-        )
+        return self._cap_reached(subject) is None
 
     def slot(self, subject: str) -> _Slot:
         """Held (`with limiter.slot(sub):`) from before the first upstream request until the body
         is sent or abandoned; refused at once beyond a cap."""
-        limits = self._limits
         held = self.by_subject.get(subject, 0)
-        if limits.max_streams and self.active >= limits.max_streams:
+        cap = self._cap_reached(subject)
+        if cap == "process":
             self._last_shed = self._clock()
             self._refuse(503, "overloaded", "process_streams", "the gateway is at its stream limit; retry later")
-        if limits.max_streams_per_subject and held >= limits.max_streams_per_subject:
+        if cap == "subject":
             self._refuse(
                 429,
                 "too_many_streams",
