@@ -101,6 +101,26 @@ LABEL_STUDIO_CHECKS = Counter(
 )  # result: cached, allowed, denied, unavailable
 WEBHOOK_EVENTS = Counter("gateway_webhook_events_total", "Annotation events received", ["source", "action"])
 
+# Every failure a rule alerts on exists from the start, at 0: rate() and increase() see a series
+# only rise, so one that first appears at 1 (a process's first failure) would never alert.
+for _reason in ("process_streams", "subject_streams", "process_connections"):
+    SHED.labels(_reason)
+for _reason in (
+    "permission_denied",
+    "quota_exceeded",
+    "unavailable",
+    "bad_response",
+    "no_identity",
+    "user_credentials",
+):
+    SIGNING_FAILURES.labels(_reason)
+for _result in ("cached", "allowed", "denied", "unavailable"):
+    LABEL_STUDIO_CHECKS.labels(_result)
+for _status in ("completed", "completed_with_errors", "failed"):
+    SYNC_JOBS.labels(_status)
+for _deadline in ("head", "send"):
+    CONNECTIONS_TIMED_OUT.labels(_deadline)
+
 METADATA_HIT = METADATA_CACHE.labels("hit")
 METADATA_MISS = METADATA_CACHE.labels("miss")
 SIGNED_CACHE_HIT = SIGNED_URL_CACHE.labels("hit")
