@@ -98,7 +98,7 @@ def create_app(
     )
     app[LABEL_STUDIO] = label_studio  # the viewer asks the same authority (one cache, one rule)
     core = MediaCore(settings, app[GUARD], app[VERIFIER], app[TASKS], app[CATALOG], label_studio)
-    service = MediaService(core, app[VERIFIER], app[TASKS], app[CATALOG], app[LIMITER])
+    service = MediaService(core, app[LIMITER])
     cors = CorsPolicy(settings.cors)
     media = MediaHandler(service, cors)
     recorder = RequestRecorder(access_log, "", settings.server.access_log)

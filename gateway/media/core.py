@@ -168,9 +168,9 @@ class MediaCore:
         self._auth = settings.auth
         self._label_studio_settings = settings.label_studio
         self._guard = guard
-        self._verifier = verifier
-        self._tasks = tasks
-        self._catalog = catalog
+        self.verifier = verifier
+        self.tasks = tasks
+        self.catalog = catalog
         self.label_studio = label_studio
         media = settings.media
         self.entries: ExpiringCache[tuple[str, str], Entry] = ExpiringCache(
@@ -210,15 +210,15 @@ class MediaCore:
             if isinstance(grant, Refused):
                 raise grant
             if task_id is not None:
-                storage = storage_for_reference(task_id, grant.uris, uri, self._catalog.storages_of(grant.project))
+                storage = storage_for_reference(task_id, grant.uris, uri, self.catalog.storages_of(grant.project))
             else:
-                storage = storage_inside(uri, self._catalog.storages_of(str(request.project)))
+                storage = storage_inside(uri, self.catalog.storages_of(str(request.project)))
             return self._serve(request, facts, storage, uri)
         if token is None:
             raise unauthorized("missing_token", "no token was sent")
         claims = facts.claims
         if claims is None:
-            claims = facts.claims = self._verifier.cached(token)
+            claims = facts.claims = self.verifier.cached(token)
             if claims is None:
                 return NeedClaims(token)
         facts.sub = claims.sub
@@ -228,21 +228,21 @@ class MediaCore:
                 raise Refused(403, "no_grant", f"the token does not grant task {task_id}")
             task = facts.task
             if task is False:
-                task = self._tasks.cached(task_id)
+                task = self.tasks.cached(task_id)
                 if task is None:
                     return NeedTask(task_id)
                 facts.task = task
             if task is None:
                 raise Refused(404, "unknown_task", f"task {task_id} does not exist")
-            storage = storage_for_task(claims, task, uri, self._catalog.storages_of(task.project))  # type: ignore[union-attr]
+            storage = storage_for_task(claims, task, uri, self.catalog.storages_of(task.project))  # type: ignore[union-attr]
         else:
             project = str(request.project)
-            storage = storage_for_project(claims, project, uri, self._catalog.storages_of(project))
+            storage = storage_for_project(claims, project, uri, self.catalog.storages_of(project))
         return self._serve(request, facts, storage, uri)
 
     def _serve(self, request: MediaRequest, facts: Facts, storage: StorageSettings, uri: GsUri) -> Outcome:
         admit_to_storage(storage.id, storage.client_allowlist, request.client)
-        backend = self._catalog.backend(storage)
+        backend = self.catalog.backend(storage)
         sub = facts.sub or ""
         entry = facts.entry
         if entry is None:

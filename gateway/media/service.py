@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 
 from .. import metrics
-from ..acl import TaskCache, TokenVerifier
-from ..catalog import StorageCatalog
 from ..errors import Refused
 from ..httpsem import ByteRange, Plan
 from ..netguard import StreamLimiter
@@ -56,18 +54,8 @@ def delivers(plan: Plan, reader: ObjectReader) -> bool:
 
 
 class MediaService:
-    def __init__(
-        self,
-        core: MediaCore,
-        verifier: TokenVerifier,
-        tasks: TaskCache,
-        catalog: StorageCatalog,
-        limiter: StreamLimiter,
-    ) -> None:
-        self.core = core
-        self._verifier = verifier
-        self._tasks = tasks
-        self._catalog = catalog
+    def __init__(self, core: MediaCore, limiter: StreamLimiter) -> None:
+        self.core = core  # its caches and sources: what the needs are filled from
         self.limiter = limiter
         self._signed_endpoint = storage_endpoint(dict(os.environ))
 
@@ -107,9 +95,9 @@ class MediaService:
 
     async def _fill(self, need: object, facts: Facts) -> None:
         if isinstance(need, NeedClaims):
-            facts.claims = await self._verifier.verify(need.token)
+            facts.claims = await self.core.verifier.verify(need.token)
         elif isinstance(need, NeedTask):
-            facts.task = await self._tasks.get(need.task_id)
+            facts.task = await self.core.tasks.get(need.task_id)
         elif isinstance(need, NeedEntry):
             await self._learn(need, facts)
         elif isinstance(need, NeedSignature):
@@ -165,7 +153,7 @@ class MediaService:
 
     async def _sign(self, need: NeedSignature) -> tuple[tuple[str, float], bool]:
         """A V4 signed URL from the shared cache, signed (once for concurrent misses) when absent."""
-        signer = self._catalog.signers[need.storage.id]
+        signer = self.core.catalog.signers[need.storage.id]
         uri = need.uri
 
         async def sign(now: float) -> str:
